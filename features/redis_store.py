@@ -1,0 +1,309 @@
+"""The online store's connection: pooled sync and asyncio Redis clients plus batch helpers.
+
+One :class:`RedisStore` per process. The sync client serves writers, jobs and the CLI; the asyncio
+client, on its own pool, serves the request path. Both decode replies to ``str``. The hiredis
+parser is used whenever the ``hiredis`` package is installed (``redis[hiredis]``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+import redis.asyncio as aredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from core.settings import Settings
+from features.keys import RedisKeys
+
+# OSError covers socket failures that surface before redis-py wraps them.
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class StoreUnavailable(RuntimeError):
+    """Redis could not be reached or did not answer in time; the message names the URL."""
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by ``***``, safe to print.
+
+    Args:
+        url: A ``redis://``, ``rediss://`` or ``unix://`` URL.
+
+    Returns:
+        The same URL without the secret.
+    """
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port is not None else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _pack(value: Mapping[str, Any]) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _unpack(raw: str | bytes | None) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    value = json.loads(raw)
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object in Redis, found {type(value).__name__}")
+    return value
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    if size < 1:
+        raise ValueError(f"chunk size must be at least 1, not {size}")
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class RedisStore:
+    """Pooled access to the online store of one namespace.
+
+    Args:
+        url: Redis URL (``redis://host:port/db``, ``rediss://…`` or ``unix://…``).
+        namespace: Prefix of every key; see :class:`features.keys.RedisKeys`.
+        pool_size: Maximum connections of each pool (sync and asyncio).
+        timeout_s: Socket connect and read timeout, and how long a caller waits for a free
+            pooled connection before giving up.
+
+    Attributes:
+        url: The URL, as given.
+        keys: The key builder of this namespace.
+        client: Sync client on the sync pool.
+        aclient: asyncio client on its own pool, for the serving path.
+    """
+
+    def __init__(self, url: str, namespace: str, *, pool_size: int = 64, timeout_s: float = 2.0) -> None:
+        self.url = url
+        self.keys = RedisKeys(namespace)
+        options: dict[str, Any] = {
+            "max_connections": pool_size,
+            "timeout": timeout_s,
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": timeout_s,
+            "decode_responses": True,
+        }
+        # Blocking pools make a burst wait briefly for a free connection instead of failing with
+        # "too many connections" the moment the pool is exhausted.
+        self.pool: redis.ConnectionPool = redis.BlockingConnectionPool.from_url(url, **options)
+        self.apool: aredis.ConnectionPool = aredis.BlockingConnectionPool.from_url(url, **options)
+        self.client: redis.Redis = redis.Redis(connection_pool=self.pool)
+        self.aclient: aredis.Redis = aredis.Redis(connection_pool=self.apool)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RedisStore:
+        """A store configured from the process settings.
+
+        Args:
+            settings: Validated settings (URL, namespace, pool size, timeout).
+
+        Returns:
+            A store; nothing is connected until the first call.
+        """
+        return cls(
+            settings.redis_url,
+            settings.namespace,
+            pool_size=settings.redis_pool_size,
+            timeout_s=settings.redis_timeout_s,
+        )
+
+    def __repr__(self) -> str:
+        return f"RedisStore({redact_url(self.url)!r}, namespace={self.keys.namespace!r})"
+
+    def _unavailable(self, exc: BaseException) -> StoreUnavailable:
+        return StoreUnavailable(f"Redis at {redact_url(self.url)} is unavailable: {exc}")
+
+    @contextmanager
+    def guard(self) -> Iterator[None]:
+        """Turn connection and timeout errors raised inside the block into :class:`StoreUnavailable`.
+
+        Raises:
+            StoreUnavailable: Redis could not be reached or did not answer in time.
+        """
+        try:
+            yield
+        except _UNAVAILABLE as exc:
+            raise self._unavailable(exc) from exc
+
+    def ping(self) -> None:
+        """Check that Redis answers.
+
+        Raises:
+            StoreUnavailable: It does not.
+        """
+        with self.guard():
+            self.client.ping()
+
+    async def aping(self) -> None:
+        """Check that Redis answers on the asyncio pool.
+
+        Raises:
+            StoreUnavailable: It does not.
+        """
+        try:
+            await self.aclient.ping()
+        except _UNAVAILABLE as exc:
+            raise self._unavailable(exc) from exc
+
+    def mget_json(self, keys: Sequence[str], *, chunk: int = 1000) -> list[dict[str, Any] | None]:
+        """Read packed JSON records, in one round trip.
+
+        Args:
+            keys: Full key names (from :attr:`keys`).
+            chunk: Keys per ``MGET``; more keys become several ``MGET`` in one pipeline.
+
+        Returns:
+            One decoded object per key, in order; ``None`` where the key is missing.
+
+        Raises:
+            StoreUnavailable: Redis could not be reached.
+        """
+        if not keys:
+            return []
+        with self.guard():
+            if len(keys) <= chunk:
+                raw: list[str | bytes | None] = self.client.mget(keys)
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                for part in _chunks(keys, chunk):
+                    pipe.mget(part)
+                raw = [value for reply in pipe.execute() for value in reply]
+        return [_unpack(value) for value in raw]
+
+    async def amget_json(self, keys: Sequence[str], *, chunk: int = 1000) -> list[dict[str, Any] | None]:
+        """Async :meth:`mget_json` on the asyncio pool, for the request path.
+
+        Args:
+            keys: Full key names.
+            chunk: Keys per ``MGET``.
+
+        Returns:
+            One decoded object per key, in order; ``None`` where the key is missing.
+
+        Raises:
+            StoreUnavailable: Redis could not be reached.
+        """
+        if not keys:
+            return []
+        try:
+            if len(keys) <= chunk:
+                raw: list[str | bytes | None] = await self.aclient.mget(keys)
+            else:
+                pipe = self.aclient.pipeline(transaction=False)
+                for part in _chunks(keys, chunk):
+                    pipe.mget(part)
+                raw = [value for reply in await pipe.execute() for value in reply]
+        except _UNAVAILABLE as exc:
+            raise self._unavailable(exc) from exc
+        return [_unpack(value) for value in raw]
+
+    def mset_json(self, mapping: Mapping[str, Mapping[str, Any]], *, chunk: int = 1000) -> None:
+        """Write packed JSON records with pipelined ``MSET`` of ``chunk`` keys each.
+
+        Args:
+            mapping: Full key name to a JSON-serialisable object (datetimes become ISO strings).
+            chunk: Keys per ``MSET``.
+
+        Raises:
+            StoreUnavailable: Redis could not be reached.
+        """
+        if not mapping:
+            return
+        packed = [(key, _pack(value)) for key, value in mapping.items()]
+        with self.guard():
+            pipe = self.client.pipeline(transaction=False)
+            for part in _chunks(packed, chunk):
+                pipe.mset(dict(part))
+            pipe.execute()
+
+    def sadd_many(self, members: Mapping[str, Iterable[str]], *, chunk: int = 1000) -> int:
+        """Add members to several sets in one pipeline.
+
+        Args:
+            members: Full set key to the members to add; empty iterables are skipped.
+            chunk: Members per ``SADD``.
+
+        Returns:
+            How many members were new.
+
+        Raises:
+            StoreUnavailable: Redis could not be reached.
+        """
+        with self.guard():
+            pipe = self.client.pipeline(transaction=False)
+            queued = 0
+            for key, values in members.items():
+                for part in _chunks(list(values), chunk):
+                    pipe.sadd(key, *part)
+                    queued += 1
+            if not queued:
+                return 0
+            return sum(int(n) for n in pipe.execute())
+
+    def smembers_many(self, keys: Sequence[str]) -> list[set[str]]:
+        """Read several sets in one pipeline.
+
+        Args:
+            keys: Full set keys.
+
+        Returns:
+            The members of each set, in order; an empty set where the key is missing.
+
+        Raises:
+            StoreUnavailable: Redis could not be reached.
+        """
+        if not keys:
+            return []
+        with self.guard():
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.smembers(key)
+            return [set(reply) for reply in pipe.execute()]
+
+    def delete_namespace(self, *, batch: int = 1000) -> int:
+        """Delete every key of this namespace (``SCAN`` + ``UNLINK`` in batches).
+
+        Keys of other namespaces on the same server are left alone.
+
+        Args:
+            batch: Keys per ``SCAN`` step and per ``UNLINK``.
+
+        Returns:
+            How many keys were deleted.
+
+        Raises:
+            StoreUnavailable: Redis could not be reached.
+        """
+        deleted = 0
+        pending: list[str] = []
+        with self.guard():
+            for key in self.client.scan_iter(match=self.keys.pattern(), count=batch):
+                pending.append(key)
+                if len(pending) >= batch:
+                    deleted += int(self.client.unlink(*pending))
+                    pending.clear()
+            if pending:
+                deleted += int(self.client.unlink(*pending))
+        return deleted
+
+    def close(self) -> None:
+        """Close the sync pool's connections (the asyncio pool is closed by :meth:`aclose`)."""
+        self.client.close()
+        self.pool.disconnect()
+
+    async def aclose(self) -> None:
+        """Close both pools; call from the event loop that used :attr:`aclient`."""
+        await self.aclient.aclose()
+        await self.apool.disconnect()
+        self.close()
