@@ -106,6 +106,19 @@ class Settings(BaseModel):
             )
             raise SettingsError(f"invalid settings: {problems}") from exc
 
+    def replace(self, **changes: object) -> Settings:
+        """A copy with some fields changed, validated like the original (``model_copy`` is not).
+
+        Raises:
+            SettingsError: A changed value is invalid.
+        """
+        values: dict[str, object] = {name: getattr(self, name) for name in type(self).model_fields}
+        values.update(changes)
+        try:
+            return type(self).model_validate(values)
+        except ValidationError as exc:
+            raise SettingsError(f"invalid settings: {exc}") from exc
+
     def admin_token_value(self) -> str | None:
         """The admin token in clear, for comparison at the boundary only."""
         return None if self.admin_token is None else self.admin_token.get_secret_value()

@@ -25,12 +25,6 @@ def _entity(kind: str, entity_id: str) -> str:
     return entity_id
 
 
-def _epoch(epoch: int) -> str:
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-        raise ValueError(f"a trending epoch is a non-negative int, not {epoch!r}")
-    return str(epoch)
-
-
 class RedisKeys:
     """Builds the namespaced Redis key names.
 
@@ -106,6 +100,10 @@ class RedisKeys:
         """STREAM of served recommendation lists (the recommendation log)."""
         return f"{self._p}stream:impressions"
 
+    def stream_catalog(self, table: str) -> str:
+        """STREAM of API catalog changes to one change-log table (items, users, edges), for the lake."""
+        return f"{self._p}stream:catalog:{_entity('table', table)}"
+
     # Exclusions and privacy: read on every request.
 
     def exclusions(self, user_id: str) -> str:
@@ -158,16 +156,22 @@ class RedisKeys:
 
     def trending_global(self, epoch: int) -> str:
         """ZSET: forward-decayed trending score per item id over all events, for one landmark epoch."""
-        return f"{self._p}trending-global:{_epoch(epoch)}"
+        return f"{self._p}trending-global:{self._epoch(epoch)}"
 
     def trending_region(self, region: str, epoch: int) -> str:
         """ZSET: forward-decayed trending score per item id in one region, for one landmark epoch."""
-        return f"{self._p}trending-region:{_epoch(epoch)}:{_entity('region', region)}"
+        return f"{self._p}trending-region:{self._epoch(epoch)}:{_entity('region', region)}"
 
     def trending_category(self, category: str, epoch: int) -> str:
         """ZSET: forward-decayed trending score per item id in one category, for one landmark epoch."""
-        return f"{self._p}trending-category:{_epoch(epoch)}:{_entity('category', category)}"
+        return f"{self._p}trending-category:{self._epoch(epoch)}:{_entity('category', category)}"
 
     def stream_dead_letters(self) -> str:
         """STREAM of entries no consumer could decode: the original fields plus ``group`` and ``error``."""
         return f"{self._p}stream:dead-letters"
+
+    @staticmethod
+    def _epoch(epoch: int) -> str:
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"a trending epoch is a non-negative int, not {epoch!r}")
+        return str(epoch)

@@ -13,6 +13,9 @@ import redis
 
 from core.settings import Settings
 from features.redis_store import RedisStore
+from tests.integration.ray_session import ray_cluster
+
+__all__ = ["ray_cluster", "redis_settings", "store"]
 
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379

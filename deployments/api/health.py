@@ -1,0 +1,30 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+
+from deployments.api.auth import services
+from deployments.api.services import ApiServices
+from features.redis_store import StoreUnavailable
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(svc: Annotated[ApiServices, Depends(services)]) -> JSONResponse:
+    """Ready when the online store answers; otherwise 503 so a balancer routes elsewhere."""
+    try:
+        await svc.store.aping()
+    except StoreUnavailable as exc:
+        return JSONResponse(status_code=503, content={"status": "unavailable", "store": str(exc)})
+    return JSONResponse(content={"status": "ready", "store": "ok"})

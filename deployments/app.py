@@ -1,0 +1,49 @@
+"""``build_app``: the whole Serve application, referenced by ``ray_config.yaml``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+from ray.serve import Application
+
+from deployments.ingress import Ingress
+from deployments.stream_workers import StreamWorkers
+
+
+class AppArgs(BaseModel):
+    """Arguments of the Serve application (the ``args:`` block of ``ray_config.yaml``).
+
+    Secrets (the admin token, client keys) are not arguments: they come from the replicas'
+    ``RAYREC_*`` environment, so the config file can be committed.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    home: str | None = None
+    """Data home (lake, registry); ``$RAYREC_HOME`` when unset."""
+    namespace: str | None = None
+    """Redis key namespace; ``$RAYREC_NAMESPACE`` when unset."""
+    redis_url: str | None = None
+    """Online store URL; ``$RAYREC_REDIS_URL`` when unset."""
+
+    def settings_overrides(self) -> dict[str, Any]:
+        """The settings given here, to apply over each replica's environment."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Bind the deployment graph.
+
+    Args:
+        args: The application arguments, validated as :class:`AppArgs`.
+
+    Returns:
+        The application for ``serve run`` / ``serve deploy``.
+    """
+    parsed = AppArgs.model_validate(args)
+    overrides = parsed.settings_overrides()
+    # serve.deployment turns the classes into Deployments at run time; their stubs do not say so.
+    workers = StreamWorkers.bind(overrides)  # type: ignore[attr-defined]
+    app: Application = Ingress.bind(overrides, workers)  # type: ignore[attr-defined]
+    return app

@@ -1,0 +1,57 @@
+"""The deployment that keeps the stream processor and the lake writer running.
+
+Both are Ray actors of their own (restarted by Ray when they die, see ``features/``). This
+one-replica deployment creates them, so their lifetime is the Serve application's: deploying the
+app starts them, deleting it stops them, and Serve's health checks on this replica surface an
+actor that stopped answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ray import serve
+
+from core.settings import Settings
+from features.lake_writer import start_lake_writer
+from features.stream_processor import start_stream_processor
+
+_HEALTH_TIMEOUT_S = 20.0
+
+
+@serve.deployment(
+    name="stream_workers",
+    num_replicas=1,
+    max_ongoing_requests=8,
+    ray_actor_options={"num_cpus": 0.05},
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+)
+class StreamWorkers:
+    """Owns the ``features`` consumer (online features) and the ``lake`` consumer (Parquet).
+
+    Args:
+        settings_overrides: Values that win over the replica's ``RAYREC_*`` environment.
+        actor_num_cpus: CPUs reserved by each of the two actors.
+    """
+
+    def __init__(
+        self, settings_overrides: dict[str, Any] | None = None, actor_num_cpus: float = 0.25
+    ) -> None:
+        settings = Settings.from_env(None, **(settings_overrides or {}))
+        namespace = settings.namespace
+        # Names carry the namespace so several deployments (or test runs) can share one cluster.
+        self._processor = start_stream_processor(
+            settings, name=f"{namespace}-stream-processor", num_cpus=actor_num_cpus
+        )
+        self._writer = start_lake_writer(settings, name=f"{namespace}-lake-writer", num_cpus=actor_num_cpus)
+
+    async def stats(self) -> dict[str, Any]:
+        """Running totals of both consumers."""
+        processor, writer = await asyncio.gather(self._processor.stats.remote(), self._writer.stats.remote())
+        return {"stream_processor": processor, "lake_writer": writer}
+
+    async def check_health(self) -> None:
+        """Serve marks the replica unhealthy (and replaces it) when an actor stops answering."""
+        await asyncio.wait_for(self.stats(), timeout=_HEALTH_TIMEOUT_S)

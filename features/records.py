@@ -1,0 +1,271 @@
+"""The inputs every feature fold reads: one behaviour event and one catalog item, as plain records.
+
+Feature definitions (see :mod:`features.definitions`) fold :class:`EventRecord` values and look
+categories and creators up in :class:`ItemInfo` values. Both records can be built from what the
+online path holds (a validated :class:`core.schema.UserEvent`, a catalog record read from Redis)
+and from what the offline path holds (a row of the lake's ``events`` or ``items`` table), so the
+same fold code runs in the stream processor and in Ray Data jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from core.schema import EventType, Item, UserEvent
+
+
+def _as_utc(value: object, field: str) -> datetime:
+    """A timezone-aware UTC datetime from the ways a timestamp reaches us (datetime, numpy, ISO)."""
+    if isinstance(value, datetime):  # pandas.Timestamp is a datetime subclass
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    if isinstance(value, np.datetime64):
+        micros = int(value.astype("datetime64[us]").astype(np.int64))
+        return datetime.fromtimestamp(micros / 1_000_000, tz=UTC)
+    if isinstance(value, str):
+        return _as_utc(datetime.fromisoformat(value), field)
+    raise TypeError(f"{field} must be a datetime, numpy datetime64 or ISO string, not {type(value).__name__}")
+
+
+def _optional_str(value: object) -> str | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return str(value)
+
+
+def _optional_float(value: object) -> float | None:
+    if value is None:
+        return None
+    number = float(value)  # type: ignore[arg-type]
+    # Pandas and numpy carry nulls as NaN; a NaN watch time or rating means "absent".
+    return None if math.isnan(number) else number
+
+
+def _optional_int(value: object) -> int | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return int(value)  # type: ignore[call-overload, no-any-return]
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """One behaviour event, with the fields of the lake's ``events`` table.
+
+    Attributes:
+        event_id: Unique id; every consumer is idempotent on it.
+        user_id: Who acted.
+        item_id: On what.
+        event_type: The kind of signal.
+        ts: When, timezone-aware UTC.
+        surface: Surface the item was shown on, when known.
+        device: Device class, when known.
+        region: Region of the user at the time, when known.
+        request_id: Recommendation response the item came from, when it did.
+        position: Position of the item in that response.
+        watch_time_s: Seconds watched (``watch`` events only).
+        rating: Explicit rating kept from imports (MovieLens); ``None`` otherwise.
+        context_json: The event context's client-specific ``extra`` keys as JSON, or ``None``.
+    """
+
+    event_id: str
+    user_id: str
+    item_id: str
+    event_type: EventType
+    ts: datetime
+    surface: str | None = None
+    device: str | None = None
+    region: str | None = None
+    request_id: str | None = None
+    position: int | None = None
+    watch_time_s: float | None = None
+    rating: float | None = None
+    context_json: str | None = None
+
+    @property
+    def ts_s(self) -> float:
+        """``ts`` as seconds since the Unix epoch: the time unit of every feature state."""
+        return self.ts.timestamp()
+
+    @property
+    def sort_key(self) -> tuple[float, str]:
+        """The fold order: by time, ties broken by ``event_id`` so every run picks the same order."""
+        return (self.ts_s, self.event_id)
+
+    @classmethod
+    def from_event(cls, event: UserEvent) -> EventRecord:
+        """The record of a validated API event.
+
+        Args:
+            event: A :class:`core.schema.UserEvent`.
+
+        Returns:
+            The record; the context's ``extra`` keys are kept as sorted, compact JSON.
+        """
+        context = event.context
+        extra = (
+            json.dumps(context.extra, sort_keys=True, separators=(",", ":"), default=str)
+            if context.extra
+            else None
+        )
+        return cls(
+            event_id=event.event_id,
+            user_id=event.user_id,
+            item_id=event.item_id,
+            event_type=event.event_type,
+            ts=event.timestamp.astimezone(UTC),
+            surface=context.surface,
+            device=None if context.device is None else context.device.value,
+            region=context.region,
+            request_id=context.request_id,
+            position=context.position,
+            watch_time_s=event.watch_time_s,
+            context_json=extra,
+        )
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> EventRecord:
+        """The record of a lake ``events`` row (a dict from pyarrow, pandas or Ray Data).
+
+        Args:
+            row: Column name to value; columns beyond the five required ones may be missing.
+
+        Returns:
+            The record.
+
+        Raises:
+            KeyError: A required column is missing.
+            ValueError: ``event_type`` is not a known event type.
+        """
+        return cls(
+            event_id=str(row["event_id"]),
+            user_id=str(row["user_id"]),
+            item_id=str(row["item_id"]),
+            event_type=EventType(row["event_type"]),
+            ts=_as_utc(row["ts"], "ts"),
+            surface=_optional_str(row.get("surface")),
+            device=_optional_str(row.get("device")),
+            region=_optional_str(row.get("region")),
+            request_id=_optional_str(row.get("request_id")),
+            position=_optional_int(row.get("position")),
+            watch_time_s=_optional_float(row.get("watch_time_s")),
+            rating=_optional_float(row.get("rating")),
+            context_json=_optional_str(row.get("context_json")),
+        )
+
+    def to_row(self) -> dict[str, Any]:
+        """The lake ``events`` row of this record: every column of :data:`core.tables.EVENTS`, in order."""
+        return {
+            "event_id": self.event_id,
+            "user_id": self.user_id,
+            "item_id": self.item_id,
+            "event_type": self.event_type.value,
+            "ts": self.ts,
+            "surface": self.surface,
+            "device": self.device,
+            "region": self.region,
+            "request_id": self.request_id,
+            "position": self.position,
+            "watch_time_s": self.watch_time_s,
+            "rating": self.rating,
+            "context_json": self.context_json,
+        }
+
+
+def _pick(record: Mapping[str, Any], snake: str, camel: str) -> Any:
+    # Catalog records may have been packed by field name or by alias; both spell the same field.
+    return record[snake] if snake in record else record.get(camel)
+
+
+@dataclass(frozen=True, slots=True)
+class ItemInfo:
+    """What feature folds need to know about an item: its category, creator and age.
+
+    Attributes:
+        item_id: The item.
+        category: Its catalog category.
+        creator_id: Who made it.
+        item_type: Kind of item (``video``, ``product``, ...), when known.
+        created_at: When it entered the catalog, when known.
+        region: Region the item belongs to (``metadata["region"]``), when it has one.
+    """
+
+    item_id: str
+    category: str
+    creator_id: str
+    item_type: str | None = None
+    created_at: datetime | None = None
+    region: str | None = None
+
+    @classmethod
+    def from_item(cls, item: Item) -> ItemInfo:
+        """The info of a validated catalog item."""
+        region = item.metadata.get("region")
+        return cls(
+            item_id=item.item_id,
+            category=item.category,
+            creator_id=item.creator_id,
+            item_type=item.item_type.value,
+            created_at=item.created_at,
+            region=region if isinstance(region, str) else None,
+        )
+
+    @classmethod
+    def from_catalog(cls, record: Mapping[str, Any]) -> ItemInfo:
+        """The info of a packed catalog record as stored in Redis (``{ns}:item:{id}``).
+
+        Args:
+            record: The decoded JSON object; snake_case or camelCase keys.
+
+        Returns:
+            The info.
+
+        Raises:
+            KeyError: ``item_id``, ``category`` or ``creator_id`` is missing.
+        """
+        created = _pick(record, "created_at", "createdAt")
+        metadata = record.get("metadata")
+        region = metadata.get("region") if isinstance(metadata, Mapping) else None
+        item_id, category, creator_id = (
+            _pick(record, "item_id", "itemId"),
+            record.get("category"),
+            _pick(record, "creator_id", "creatorId"),
+        )
+        if item_id is None or category is None or creator_id is None:
+            raise KeyError(f"catalog record lacks item_id, category or creator_id: {sorted(record)}")
+        return cls(
+            item_id=str(item_id),
+            category=str(category),
+            creator_id=str(creator_id),
+            item_type=_optional_str(_pick(record, "item_type", "itemType")),
+            created_at=None if created is None else _as_utc(created, "created_at"),
+            region=region if isinstance(region, str) else None,
+        )
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> ItemInfo:
+        """The info of a lake ``items`` row (latest per ``item_id``).
+
+        Args:
+            row: Column name to value.
+
+        Returns:
+            The info; ``region`` comes from ``metadata_json`` when it holds one.
+        """
+        raw = row.get("metadata_json")
+        metadata = json.loads(raw) if isinstance(raw, str) and raw else {}
+        region = metadata.get("region") if isinstance(metadata, dict) else None
+        created = row.get("created_at")
+        return cls(
+            item_id=str(row["item_id"]),
+            category=str(row["category"]),
+            creator_id=str(row["creator_id"]),
+            item_type=_optional_str(row.get("item_type")),
+            created_at=None if created is None else _as_utc(created, "created_at"),
+            region=region if isinstance(region, str) else None,
+        )

@@ -1,0 +1,299 @@
+"""The stream processor: applies the events stream to the online features, exactly once in effect.
+
+Input: the events stream ``{ns}:stream:events``. Each entry has one field ``"e"`` holding a
+:class:`core.schema.UserEvent` as camelCase JSON; a producer adds one with
+``XADD {ns}:stream:events * e <json>`` (:func:`features.stream_codec.encode_event` builds the
+fields). The processor reads it as a member of the consumer group ``"features"``.
+
+Each batch: read (own pending entries after a restart, idle entries of dead consumers, then new
+ones; see :mod:`features.stream_consumer`) → decode → :meth:`OnlineFeatureStore.apply_events`
+(one transaction for the whole batch, idempotent on ``event_id``) → ``XACK``. Undecodable entries
+go to ``{ns}:stream:dead-letters`` and are acknowledged, so one bad entry cannot stall the group.
+A crash anywhere before ``XACK`` leads to redelivery, which the processed-event markers turn into
+a no-op for everything already applied.
+
+:class:`StreamProcessor` holds the logic and runs in-process (tests, CLI);
+:class:`StreamProcessorActor` runs it in a Ray actor that Ray restarts when it dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Final
+
+import ray
+
+from core.settings import Settings
+from features.consumer_loop import ConsumerLoop
+from features.metrics import StreamMetrics, default_metrics
+from features.online_store import OnlineFeatureStore
+from features.params import DEFAULT_PARAMS, FeatureParams
+from features.records import EventRecord
+from features.redis_store import RedisStore
+from features.stream_codec import FEATURES_GROUP, EntryDecodeError, decode_event
+from features.stream_consumer import StreamConsumer, StreamEntry
+
+logger = logging.getLogger(__name__)
+
+GROUP: Final = FEATURES_GROUP
+"""Consumer group of the stream processor on the events stream."""
+
+ACTOR_NAME: Final = "rayrec-stream-processor"
+"""Default name of the processor actor, for ``ray.get_actor``."""
+
+
+@dataclass(slots=True)
+class ProcessorStats:
+    """Running totals of one processor.
+
+    Attributes:
+        batches: Batches handled.
+        entries: Stream entries acknowledged.
+        applied: Events folded into features.
+        duplicates: Events already applied before (redeliveries, repeats).
+        skipped: Events of erased users.
+        invalid: Undecodable entries sent to the dead-letter stream.
+        retries: Transactions retried after a concurrent write.
+    """
+
+    batches: int = 0
+    entries: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    skipped: int = 0
+    invalid: int = 0
+    retries: int = 0
+
+
+class StreamProcessor:
+    """Applies the events stream to the online feature store as one consumer of group ``features``.
+
+    Args:
+        store: The Redis store.
+        consumer: This consumer's name: unique in the group, the same across restarts.
+        online: The feature store to apply to; one on ``store`` with default parameters when omitted.
+        claim_idle_ms: Idle time after which other consumers' pending entries are taken over.
+        claim_every_s: How often idle entries are looked for after the first time, at start.
+        metrics: Where to count; the process-wide metrics when omitted.
+        metrics_every_s: How often stream length and lag are measured.
+    """
+
+    def __init__(
+        self,
+        store: RedisStore,
+        consumer: str,
+        *,
+        online: OnlineFeatureStore | None = None,
+        claim_idle_ms: int = 60_000,
+        claim_every_s: float = 30.0,
+        metrics: StreamMetrics | None = None,
+        metrics_every_s: float = 5.0,
+    ) -> None:
+        self.store = store
+        self.online = online or OnlineFeatureStore(store)
+        self.consumer = StreamConsumer(
+            store.client,
+            store.keys.stream_events(),
+            GROUP,
+            consumer,
+            claim_idle_ms=claim_idle_ms,
+            claim_every_s=claim_every_s,
+        )
+        self.metrics = metrics or default_metrics()
+        self.metrics_every_s = metrics_every_s
+        self.stats = ProcessorStats()
+        self._next_metrics_at = 0.0
+
+    def __repr__(self) -> str:
+        return f"StreamProcessor(consumer={self.consumer.consumer!r}, stream={self.consumer.stream!r})"
+
+    def run_once(self, count: int = 500, block_ms: int = 1000) -> int:
+        """Process one batch.
+
+        Args:
+            count: Most entries in the batch.
+            block_ms: How long to wait for new entries when nothing is pending; 0: do not wait.
+
+        Returns:
+            How many entries were processed and acknowledged (0 when none arrived).
+
+        Raises:
+            StoreUnavailable: Redis could not be reached; the batch stays pending and is retried.
+            ApplyConflict: The batch kept conflicting with another consumer; retried likewise.
+        """
+        with self.store.guard():
+            entries = self.consumer.next_batch(count, block_ms)
+            handled = self.process(entries) if entries else 0
+            self._refresh_gauges()
+        return handled
+
+    def drain(self, count: int = 500, max_batches: int | None = None) -> int:
+        """Process batches without waiting until none is left (tests, backfills, the CLI).
+
+        Args:
+            count: Most entries per batch.
+            max_batches: Stop after this many batches; no limit when omitted.
+
+        Returns:
+            How many entries were processed.
+        """
+        total = batches = 0
+        while max_batches is None or batches < max_batches:
+            handled = self.run_once(count, 0)
+            if not handled:
+                break
+            total += handled
+            batches += 1
+        return total
+
+    def process(self, entries: Sequence[StreamEntry]) -> int:
+        """Apply some delivered entries and acknowledge them.
+
+        Args:
+            entries: Entries delivered to this consumer.
+
+        Returns:
+            How many entries were acknowledged.
+        """
+        started = time.perf_counter()
+        records: list[EventRecord] = []
+        invalid = 0
+        for entry in entries:
+            try:
+                records.append(EventRecord.from_event(decode_event(entry.fields)))
+            except EntryDecodeError as exc:
+                invalid += 1
+                self._reject(entry, str(exc))
+        try:
+            result = self.online.apply_events(records)
+        except Exception:
+            # Retry the batch promptly instead of waiting for it to be claimed as idle.
+            self.consumer.rewind()
+            raise
+        acked = self.consumer.ack([e.entry_id for e in entries])
+        stats, counter = self.stats, self.metrics.entries_processed
+        stats.batches += 1
+        stats.entries += len(entries)
+        stats.applied += result.applied
+        stats.duplicates += result.duplicates
+        stats.skipped += result.skipped
+        stats.invalid += invalid
+        stats.retries += result.retries
+        for outcome, n in (
+            ("applied", result.applied),
+            ("duplicate", result.duplicates),
+            ("skipped", result.skipped),
+            ("invalid", invalid),
+        ):
+            if n:
+                counter.labels(GROUP, outcome).inc(n)
+        self.metrics.batch_seconds.labels(GROUP).observe(time.perf_counter() - started)
+        if acked != len(entries):
+            # Another consumer claimed and acknowledged some of them meanwhile; effects are still once.
+            logger.info(
+                "%r: %d of %d entries were acknowledged elsewhere", self, len(entries) - acked, len(entries)
+            )
+        return len(entries)
+
+    def _reject(self, entry: StreamEntry, error: str) -> None:
+        logger.warning("%r: entry %s is not a valid event: %s", self, entry.entry_id, error)
+        self.metrics.events_rejected.labels("unknown", "undecodable_stream_entry").inc()
+        if entry.fields is not None:
+            self.consumer.dead_letter(self.store.keys.stream_dead_letters(), entry, error)
+
+    def _refresh_gauges(self) -> None:
+        now = time.monotonic()
+        if now < self._next_metrics_at:
+            return
+        self._next_metrics_at = now + self.metrics_every_s
+        self.metrics.stream_length.labels("events").set(self.consumer.length())
+        self.metrics.consumer_lag_s.labels("events", GROUP).set(self.consumer.lag_s())
+
+
+def default_consumer_name() -> str:
+    """A consumer name stable for one host: ``processor-<hostname>``."""
+    return f"processor-{socket.gethostname()}"
+
+
+@ray.remote(max_restarts=-1, max_task_retries=-1)
+class StreamProcessorActor:
+    """A :class:`StreamProcessor` in a Ray actor, looping in a background thread.
+
+    Ray restarts the actor whenever it dies (``max_restarts=-1``); the new instance starts looping
+    again by itself (``autostart``) under the same consumer name, so it first finishes the entries
+    its predecessor had been given. Create it with a ``name`` (see :func:`start_stream_processor`)
+    so other processes find it with ``ray.get_actor``.
+
+    Args:
+        settings: Redis URL and namespace.
+        consumer: Consumer name in group ``features``; keep it stable across restarts.
+        batch_size: Most entries per batch.
+        block_ms: How long one read waits for new entries.
+        claim_idle_ms: Idle time after which other consumers' pending entries are taken over.
+        params: Fold constants; the defaults when omitted.
+        autostart: Start looping at construction, which is what makes restarts resume.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        consumer: str = "processor-0",
+        *,
+        batch_size: int = 500,
+        block_ms: int = 1000,
+        claim_idle_ms: int = 60_000,
+        params: FeatureParams | None = None,
+        autostart: bool = True,
+    ) -> None:
+        self._store = RedisStore.from_settings(settings)
+        online = OnlineFeatureStore(self._store, params=params or DEFAULT_PARAMS)
+        self._processor = StreamProcessor(self._store, consumer, online=online, claim_idle_ms=claim_idle_ms)
+        self._loop = ConsumerLoop(
+            f"stream-processor[{consumer}]", lambda: self._processor.run_once(batch_size, block_ms)
+        )
+        if autostart:
+            self._loop.start()
+
+    def start(self) -> bool:
+        """Start looping; returns False when the loop was running already."""
+        return self._loop.start()
+
+    def stop(self) -> dict[str, Any]:
+        """Stop looping after the current batch; returns the final :meth:`stats`."""
+        self._loop.stop()
+        return self.stats()
+
+    def stats(self) -> dict[str, Any]:
+        """Totals of the processor and state of the loop."""
+        return {
+            "consumer": self._processor.consumer.consumer,
+            **asdict(self._processor.stats),
+            **self._loop.stats(),
+        }
+
+
+def start_stream_processor(
+    settings: Settings,
+    *,
+    name: str = ACTOR_NAME,
+    consumer: str = "processor-0",
+    **options: Any,
+) -> Any:
+    """Get the named processor actor, creating it when it does not exist.
+
+    Args:
+        settings: Redis URL and namespace.
+        name: Actor name.
+        consumer: Consumer name in group ``features``.
+        **options: Further ``.options(...)`` for the actor (``lifetime="detached"``, resources).
+
+    Returns:
+        The actor handle.
+    """
+    return StreamProcessorActor.options(name=name, get_if_exists=True, **options).remote(  # type: ignore[attr-defined]
+        settings, consumer
+    )
