@@ -5,8 +5,8 @@ set beside them. ``PipelineRunner`` holds all of the request path's control flow
 timeouts, merging, contract checks and fallbacks. It knows nothing of Ray or Redis, so the same
 code runs in unit tests and inside a Serve replica.
 
-Run order: sources (concurrently) → merge and dedupe → filters → hydrators → pre-scorer → cut to
-``ranker_input_size`` → scorer → policies → cut to ``ctx.limit``.
+Run order: sources (concurrently) → merge and dedupe → filter-state hydrators → filters →
+hydrators → pre-scorer → cut to ``ranker_input_size`` → scorer → policies → cut to ``ctx.limit``.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class StageName(StrEnum):
     """Keys of ``PipelineResult.stage_latency_ms`` and of ``PipelineObserver.on_stage``."""
 
     CANDIDATES = "candidates"
+    FILTER_STATE = "filter_state"
     FILTERS = "filters"
     FEATURES = "features"
     PRE_SCORE = "pre_score"
@@ -84,6 +85,23 @@ class SourceFailedError(RuntimeError):
     def __init__(self, source: str, reason: SkipReason) -> None:
         super().__init__(f"required candidate source {source!r} failed: {reason}")
         self.source = source
+        self.reason = reason
+
+
+class FilterStateError(RuntimeError):
+    """Raised by ``PipelineRunner.run`` when a filter-state hydrator fails, is late or breaks its contract.
+
+    Filters enforce removals, blocks and exclusions that must hold on every request (seed section
+    18); without the state they read, the request fails rather than serve unchecked items.
+
+    Attributes:
+        stage: Name of the hydrator.
+        reason: ``timeout``, ``error`` or ``contract``.
+    """
+
+    def __init__(self, stage: str, reason: SkipReason) -> None:
+        super().__init__(f"filter-state hydrator {stage!r} failed: {reason}")
+        self.stage = stage
         self.reason = reason
 
 
@@ -138,6 +156,12 @@ class SurfacePipeline(BaseModel):
     sources: Annotated[tuple[CandidateSource, ...], Field(min_length=1)]
     """Candidate sources; all run concurrently. Their order breaks ties in the retrieval order."""
 
+    filter_hydrators: tuple[FeatureHydrator, ...] = ()
+    """Hydrators that run after the merge and before the filters, attaching what the filters read
+    (removed, blocked and excluded flags). They fail closed: one that raises, is late or
+    changes its input's length or order fails the request with ``FilterStateError``.
+    Each is capped by its ``budget_ms`` and the run's deadline."""
+
     filters: tuple[Filter, ...] = ()
     """Filters in run order; put cheap ones first."""
 
@@ -166,12 +190,16 @@ class SurfacePipeline(BaseModel):
     def _check_stages(self) -> SurfacePipeline:
         _check_unique("sources", (s.name for s in self.sources))
         _check_unique("filters", (f.name for f in self.filters))
-        _check_unique("hydrators", (h.name for h in self.hydrators))
+        _check_unique("hydrators", (h.name for h in (*self.filter_hydrators, *self.hydrators)))
         _check_unique("policies", (p.name for p in self.policies))
         unknown = self.fail_open - {s.name for s in self.sources}
         if unknown:
             raise ValueError(f"fail_open names sources not in this pipeline: {sorted(unknown)}")
-        timed: list[CandidateSource | FeatureHydrator | Scorer] = [*self.sources, *self.hydrators]
+        timed: list[CandidateSource | FeatureHydrator | Scorer] = [
+            *self.sources,
+            *self.filter_hydrators,
+            *self.hydrators,
+        ]
         timed += [s for s in (self.pre_scorer, self.scorer) if s is not None]
         for stage in timed:
             if not stage.budget_ms > 0:
@@ -372,6 +400,8 @@ class PipelineRunner:
     Failure policy:
         - A source that raises or is late is skipped if it is in ``fail_open``; otherwise
           ``run`` raises ``SourceFailedError``.
+        - A filter-state hydrator that raises, is late or breaks its contract fails the request
+          with ``FilterStateError``: filters must never run without the state they enforce.
         - A hydrator that raises or is late is skipped (fallback ``features_partial``); one that
           changes the length or order of its input raises ``StageContractError``.
         - A pre-scorer or scorer that raises, is late, or breaks its contract (length, order,
@@ -408,12 +438,14 @@ class PipelineRunner:
         Raises:
             SourceFailedError: A source outside ``pipeline.fail_open`` failed or was late.
             StageContractError: A filter or hydrator broke its contract.
+            FilterStateError: A filter-state hydrator failed, was late or broke its contract.
         """
         rec = _RunRecorder(observer if observer is not None else self._observer)
         started = time.monotonic()
         deadline = min(ctx.deadline, started + pipeline.budgets.total_ms / 1000.0)
 
         cands = await self._retrieve(pipeline, ctx, deadline, rec)
+        cands = await self._load_filter_state(pipeline, ctx, cands, deadline, rec)
         cands = self._filter(pipeline, ctx, cands, rec)
         cands = await self._hydrate(pipeline, ctx, cands, deadline, rec)
         cands = await self._rank(pipeline, ctx, cands, deadline, rec)
@@ -457,6 +489,31 @@ class PipelineRunner:
             _log_failure(source.name, reason, exc)
             return _SourceOutcome(_elapsed_ms(started), [], reason, exc)
         return _SourceOutcome(_elapsed_ms(started), cands, None, None)
+
+    async def _load_filter_state(
+        self,
+        pipeline: SurfacePipeline,
+        ctx: RequestContext,
+        cands: list[Candidate],
+        deadline: float,
+        rec: _RunRecorder,
+    ) -> list[Candidate]:
+        if not pipeline.filter_hydrators or not cands:
+            return cands
+        started = time.monotonic()
+        for hydrator in pipeline.filter_hydrators:
+            try:
+                hydrated = await asyncio.wait_for(
+                    hydrator.hydrate(ctx, cands), _timeout_s(deadline, hydrator.budget_ms)
+                )
+                check_same_items(hydrator.name, cands, hydrated)
+            except Exception as exc:
+                reason = _skip_reason(exc)
+                rec.failed(hydrator.name, reason, exc)
+                raise FilterStateError(hydrator.name, reason) from exc
+            cands = hydrated
+        rec.stage(StageName.FILTER_STATE, _elapsed_ms(started))
+        return cands
 
     def _filter(
         self, pipeline: SurfacePipeline, ctx: RequestContext, cands: list[Candidate], rec: _RunRecorder

@@ -146,6 +146,24 @@ class FeatureMap(Mapping[str, FeatureValue]):
             return self
         return FeatureMap._trusted({**self._values, **FeatureMap(values)._values})
 
+    def union(self, other: FeatureMap) -> FeatureMap:
+        """A copy with ``other``'s features added; they win over values already present.
+
+        Cheaper than :meth:`with_values` on the hot path: both maps were validated when they were
+        built, so nothing is checked again.
+
+        Args:
+            other: Features to add or replace.
+
+        Returns:
+            A new map, or one of the two when the other is empty; neither is changed.
+        """
+        if not other:
+            return self
+        if not self:
+            return other
+        return FeatureMap._trusted({**self._values, **other._values})
+
     def _lookup(self, ref: str) -> FeatureValue | None:
         value = self._values.get(ref)
         if value is None:

@@ -1,0 +1,233 @@
+"""Item feature hydration: catalog fields, item engagement and creator quality for every candidate.
+
+One ``MGET`` reads, for all candidates at once, the item serving records (``item_engagement``),
+the catalog records the :class:`~features.catalog_cache.CatalogCache` lacks, and the creator
+serving records (``creator_quality``) of the creators the cache already knows. Only on a cache
+miss does a second, small ``MGET`` follow for the creators of the items just read. Values whose
+``ttl_s`` ran out are dropped exactly as :func:`features.definitions.serving_features` does.
+
+A decoded serving record is also remembered with a hash of the raw text it came from: most
+candidates are long-tail items whose records did not change since the last request, and for them
+the hash matches and the feature map is reused instead of decoded and validated again (a 64-bit
+hash collision between two versions of one item's record, the only way this could serve stale
+engagement features, is negligible).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from functools import partial
+from typing import Any, Final, cast
+
+from core.schema import EntityType
+from core.types import EMPTY_FEATURES, Candidate, FeatureInput, FeatureMap, RequestContext
+from features.catalog_cache import CatalogCache, CatalogEntry
+from features.definitions import SPECS, UPDATED_AT
+from features.redis_store import RedisStore
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ITEM_REFS: Final[tuple[str, ...]] = (
+    "item_engagement:ctr_7d",
+    "item_engagement:like_rate_7d",
+    "item_engagement:trending_score",
+    "item_engagement:event_count_total",
+    "item_engagement:view_count_7d",
+    "item_engagement:click_count_7d",
+    "item_engagement:like_count_7d",
+    "item_engagement:purchase_count_7d",
+    "item_engagement:watch_count_7d",
+    "item_engagement:view_count_24h",
+    "item_engagement:click_count_24h",
+    "item_engagement:last_event_ts",
+)
+"""Item features attached by default: what the pre-scorer, the bandit and the ranker read."""
+
+DEFAULT_CREATOR_REFS: Final[tuple[str, ...]] = (
+    "creator_quality:quality_score",
+    "creator_quality:report_rate",
+)
+"""Creator features attached by default."""
+
+
+class _RecordReader:
+    """Turns serving records into feature maps of selected references, memoised on the raw text."""
+
+    def __init__(self, refs: Sequence[str], max_entries: int) -> None:
+        unknown = [ref for ref in refs if ref not in SPECS]
+        if unknown:
+            raise ValueError(f"unknown feature references {unknown}; see features.definitions.SPECS")
+        self._ttl_s = {ref: SPECS[ref].ttl_s for ref in refs}
+        self._max_entries = max_entries
+        # entity id -> (hash of the raw text, the instant the map stops being valid, the map)
+        self._memo: OrderedDict[str, tuple[int, float, FeatureMap]] = OrderedDict()
+
+    def read(self, entity_id: str, raw: str | None, now_s: float) -> FeatureMap:
+        if raw is None:
+            return EMPTY_FEATURES
+        digest = hash(raw)
+        memo = self._memo.get(entity_id)
+        if memo is not None and memo[0] == digest and now_s < memo[1]:
+            self._memo.move_to_end(entity_id)
+            return memo[2]
+        features, valid_until = self._decode(entity_id, raw, now_s)
+        self._memo[entity_id] = (digest, valid_until, features)
+        self._memo.move_to_end(entity_id)
+        if len(self._memo) > self._max_entries:
+            self._memo.popitem(last=False)
+        return features
+
+    def _decode(self, entity_id: str, raw: str, now_s: float) -> tuple[FeatureMap, float]:
+        try:
+            record = json.loads(raw)
+            stamp = record.get(UPDATED_AT)
+            written_s = datetime.fromisoformat(stamp).timestamp() if isinstance(stamp, str) else now_s
+        except (ValueError, AttributeError) as exc:
+            logger.warning("serving record of %r is unreadable; served without it: %s", entity_id, exc)
+            return EMPTY_FEATURES, now_s + 60.0
+        age_s = now_s - written_s
+        kept: dict[str, FeatureInput] = {}
+        valid_until = float("inf")
+        for ref, ttl_s in self._ttl_s.items():
+            if ref not in record:
+                continue
+            if ttl_s is not None:
+                if age_s > ttl_s:
+                    continue
+                valid_until = min(valid_until, written_s + ttl_s)
+            kept[ref] = record[ref]
+        return FeatureMap(kept), valid_until
+
+
+class ItemFeatureHydrator:
+    """Attaches ``item:*`` catalog fields, item engagement and creator quality features.
+
+    Output keeps the input's length and order (the ``FeatureHydrator`` contract). Items missing
+    from the catalog keep their features unchanged; the filters have already removed them when
+    the pipeline runs the serving-state hydrator.
+
+    Args:
+        store: The Redis store.
+        catalog_cache: Shared catalog cache (share it with the ``RequestStateLoader`` so the
+            records that stage reads are not read twice).
+        item_refs: Item serving features to attach.
+        creator_refs: Creator serving features to attach.
+        name: Stage id.
+        budget_ms: Time the hydration may take.
+        memo_entries: Serving records remembered with their decoded maps.
+    """
+
+    def __init__(
+        self,
+        store: RedisStore,
+        catalog_cache: CatalogCache,
+        *,
+        item_refs: Sequence[str] = DEFAULT_ITEM_REFS,
+        creator_refs: Sequence[str] = DEFAULT_CREATOR_REFS,
+        name: str = "item_features",
+        budget_ms: float = 20.0,
+        memo_entries: int = 100_000,
+    ) -> None:
+        self.name = name
+        self.budget_ms = budget_ms
+        self._store = store
+        self._cache = catalog_cache
+        self._items = _RecordReader(item_refs, memo_entries)
+        self._creators = _RecordReader(creator_refs, memo_entries)
+        self._memo_entries = memo_entries
+        self._combined: OrderedDict[str, tuple[CatalogEntry | None, FeatureMap, FeatureMap, FeatureMap]] = (
+            OrderedDict()
+        )
+        # Key names of hot items, so the key layout is applied once per item, not once per request.
+        self._item_key = functools.lru_cache(maxsize=memo_entries)(
+            partial(store.keys.features, EntityType.ITEM)
+        )
+
+    async def hydrate(self, ctx: RequestContext, cands: list[Candidate]) -> list[Candidate]:
+        """Attach the features to every candidate.
+
+        Args:
+            ctx: The request; ``ctx.now`` decides which windowed values are still valid.
+            cands: Candidates to enrich.
+
+        Returns:
+            ``cands`` with the features merged into each (candidate values already present lose).
+
+        Raises:
+            StoreUnavailable: Redis could not be reached.
+        """
+        keys = self._store.keys
+        ids = list(dict.fromkeys(c.item_id for c in cands))
+        entries, missing = self._cache.get_many(ids)
+        creators = list(dict.fromkeys(e.creator_id for e in entries.values()))
+        key_list = [self._item_key(i) for i in ids]
+        key_list += [keys.item(i) for i in missing]
+        key_list += [keys.features(EntityType.CREATOR, c) for c in creators]
+        with self._store.guard():
+            # The clients decode replies (decode_responses=True), so values are str, never bytes.
+            raw = cast(list[str | None], await self._store.aclient.mget(key_list) if key_list else [])
+        item_raw = raw[: len(ids)]
+        catalog_raw = raw[len(ids) : len(ids) + len(missing)]
+        creator_raw = dict(zip(creators, raw[len(ids) + len(missing) :], strict=True))
+
+        fresh = _catalog_entries(missing, catalog_raw)
+        if fresh:
+            self._cache.put_many(fresh.values())
+            entries.update(fresh)
+            late = list(
+                dict.fromkeys(e.creator_id for e in fresh.values() if e.creator_id not in creator_raw)
+            )
+            if late:
+                with self._store.guard():
+                    late_keys = [keys.features(EntityType.CREATOR, c) for c in late]
+                    late_raw = cast(list[str | None], await self._store.aclient.mget(late_keys))
+                creator_raw.update(zip(late, late_raw, strict=True))
+
+        now_s = ctx.now.timestamp()
+        creator_maps = {c: self._creators.read(c, text, now_s) for c, text in creator_raw.items()}
+        combined: dict[str, FeatureMap] = {}
+        for item_id, text in zip(ids, item_raw, strict=True):
+            entry = entries.get(item_id)
+            item_map = self._items.read(item_id, text, now_s)
+            creator_map = (
+                EMPTY_FEATURES if entry is None else creator_maps.get(entry.creator_id, EMPTY_FEATURES)
+            )
+            combined[item_id] = self._combine(item_id, entry, item_map, creator_map)
+        for cand in cands:
+            # Values a source or an earlier stage set win: they are about this request.
+            cand.features = combined[cand.item_id].union(cand.features)
+        return cands
+
+    def _combine(
+        self, item_id: str, entry: CatalogEntry | None, item_map: FeatureMap, creator_map: FeatureMap
+    ) -> FeatureMap:
+        """Catalog, item and creator features in one map, reused while all three parts are unchanged."""
+        memo = self._combined.get(item_id)
+        # The readers and the cache return the very same objects while nothing changed.
+        if memo is not None and memo[0] is entry and memo[1] is item_map and memo[2] is creator_map:
+            self._combined.move_to_end(item_id)
+            return memo[3]
+        merged = item_map if entry is None else entry.features.union(item_map).union(creator_map)
+        self._combined[item_id] = (entry, item_map, creator_map, merged)
+        self._combined.move_to_end(item_id)
+        if len(self._combined) > self._memo_entries:
+            self._combined.popitem(last=False)
+        return merged
+
+
+def _catalog_entries(item_ids: Iterable[str], raw: Sequence[str | None]) -> dict[str, CatalogEntry]:
+    out: dict[str, CatalogEntry] = {}
+    for item_id, text in zip(item_ids, raw, strict=True):
+        if text is None:
+            continue
+        try:
+            record: Mapping[str, Any] = json.loads(text)
+            out[item_id] = CatalogEntry.from_record(record)
+        except (KeyError, TypeError, ValueError) as exc:
+            logger.warning("catalog record of item %r is unreadable; hydrated without it: %s", item_id, exc)
+    return out

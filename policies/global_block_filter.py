@@ -1,0 +1,31 @@
+"""Drops items an operator blocked for everyone, directly or through their creator."""
+
+from __future__ import annotations
+
+from core.types import Candidate, FilterResult, RequestContext
+from features.candidate_refs import SERVING_BLOCKED_CREATOR, SERVING_BLOCKED_ITEM
+from policies.serving_flags import flag
+
+
+class GlobalBlockFilter:
+    """Removes candidates flagged ``serving:blocked_item`` or ``serving:blocked_creator``.
+
+    Args:
+        name: Stage id; removals are counted under it.
+    """
+
+    def __init__(self, name: str = "global_block") -> None:
+        self.name = name
+
+    def _keep(self, cand: Candidate) -> bool:
+        return not (
+            flag(self.name, cand, SERVING_BLOCKED_ITEM) or flag(self.name, cand, SERVING_BLOCKED_CREATOR)
+        )
+
+    def apply(self, ctx: RequestContext, cands: list[Candidate]) -> FilterResult:
+        """Keep the candidates neither blocked nor made by a blocked creator.
+
+        Raises:
+            StageContractError: A candidate carries no block flags.
+        """
+        return FilterResult.partition(cands, self._keep)

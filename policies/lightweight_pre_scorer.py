@@ -1,0 +1,140 @@
+"""A cheap linear pre-score: cuts the candidates to the ranker's input and orders them when it fails."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.types import Candidate, RequestContext
+from features.candidate_refs import ITEM_CATEGORY, ITEM_CREATED_AT_S, ITEM_LANGUAGE, ITEM_REGION
+from features.user_context import interest_categories, request_language, request_region
+from policies.sponsored_marks import is_sponsored
+
+CTR_REF = "item_engagement:ctr_7d"
+QUALITY_REF = "creator_quality:quality_score"
+_POPULARITY_REFS = (
+    "item_engagement:view_count_7d",
+    "item_engagement:click_count_7d",
+    "item_engagement:like_count_7d",
+    "item_engagement:purchase_count_7d",
+    "item_engagement:watch_count_7d",
+)
+
+
+class PreScoreWeights(BaseModel):
+    """Weights and scales of the pre-score; every term is scaled to about ``[0, 1]`` first."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    retrieval: float = 1.0
+    """Weight of the retrieval score (clipped to ``[0, 1]``)."""
+
+    ctr: float = 1.0
+    """Weight of ``item_engagement:ctr_7d / ctr_cap`` (clipped to 1)."""
+
+    ctr_cap: Annotated[float, Field(gt=0, le=1)] = 0.2
+    """CTR that earns the full ctr term."""
+
+    popularity: float = 0.5
+    """Weight of ``log1p(7-day engagement) / log1p(popularity_cap)`` (clipped to 1)."""
+
+    popularity_cap: Annotated[float, Field(gt=0)] = 10_000.0
+    """7-day engagement count that earns the full popularity term."""
+
+    category_affinity: float = 1.0
+    """Weight of the user's affinity for the item's category, relative to their strongest one."""
+
+    freshness: float = 0.3
+    """Weight of ``2 ** (-age / freshness_half_life_h)``."""
+
+    freshness_half_life_h: Annotated[float, Field(gt=0)] = 72.0
+    """Item age, in hours, at which the freshness term halves."""
+
+    creator_quality: float = 0.5
+    """Weight of ``creator_quality:quality_score`` (clipped to ``[-1, 1]``)."""
+
+    region_match: float = 0.2
+    """Bonus when the item's region is the request's."""
+
+    language_match: float = 0.2
+    """Bonus when the item's language is the request's."""
+
+    sponsored_pin: Annotated[float, Field(ge=0)] = 1000.0
+    """Added to sponsored candidates so the cut to the ranker input keeps them; they are placed
+    by the sponsored-slot policy, never by this score."""
+
+
+class LightweightPreScorer:
+    """Scores candidates with a linear blend of cheap signals; keeps length and order.
+
+    The blend: retrieval score, smoothed CTR, 7-day popularity, the user's affinity for the
+    item's category (onboarding interests count fully for a new user), freshness, creator
+    quality, and region and language matches. Missing features count as their neutral value
+    (0, or the prior for CTR), so a partially hydrated candidate still gets a finite score.
+
+    Args:
+        weights: Term weights and scales.
+        name: Stage id.
+        budget_ms: Time the scorer may take.
+    """
+
+    def __init__(
+        self,
+        weights: PreScoreWeights | None = None,
+        *,
+        name: str = "lightweight_pre_score",
+        budget_ms: float = 10.0,
+    ) -> None:
+        self.name = name
+        self.budget_ms = budget_ms
+        self.weights = weights or PreScoreWeights()
+
+    def score_one(
+        self,
+        cand: Candidate,
+        affinity: dict[str, float],
+        region: str | None,
+        language: str | None,
+        now_s: float,
+    ) -> float:
+        """The pre-score of one candidate (see the class docstring for the terms)."""
+        w = self.weights
+        f = cand.features
+        score = w.retrieval * min(max(cand.retrieval_score, 0.0), 1.0)
+        score += w.ctr * min(max(f.get_float(CTR_REF, 0.0), 0.0) / w.ctr_cap, 1.0)
+        engagement = sum(max(f.get_int(ref, 0), 0) for ref in _POPULARITY_REFS)
+        score += w.popularity * min(math.log1p(engagement) / math.log1p(w.popularity_cap), 1.0)
+        score += w.category_affinity * affinity.get(f.get_str(ITEM_CATEGORY, ""), 0.0)
+        created = f.get_float(ITEM_CREATED_AT_S, math.nan)
+        if not math.isnan(created):
+            age_h = max(0.0, now_s - created) / 3600.0
+            score += w.freshness * math.exp2(-age_h / w.freshness_half_life_h)
+        score += w.creator_quality * min(max(f.get_float(QUALITY_REF, 0.0), -1.0), 1.0)
+        if region is not None and f.get_str(ITEM_REGION, "") == region:
+            score += w.region_match
+        if language is not None and f.get_str(ITEM_LANGUAGE, "") == language:
+            score += w.language_match
+        if is_sponsored(cand):
+            score += w.sponsored_pin
+        return score
+
+    async def score(self, ctx: RequestContext, cands: list[Candidate]) -> list[Candidate]:
+        """Set ``score`` on every candidate.
+
+        Args:
+            ctx: The request.
+            cands: Candidates (the runner passes copies).
+
+        Returns:
+            ``cands`` with finite scores, same length and order.
+        """
+        categories = interest_categories(ctx)
+        top = max((weight for _, weight in categories), default=0.0)
+        affinity = {c: weight / top for c, weight in categories} if top > 0 else {}
+        region, language = request_region(ctx), request_language(ctx)
+        now_s = ctx.now.timestamp()
+        for cand in cands:
+            cand.score = self.score_one(cand, affinity, region, language, now_s)
+        return cands

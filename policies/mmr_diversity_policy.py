@@ -1,0 +1,107 @@
+"""Diversity by maximal marginal relevance (MMR) over the top of the list."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.typing import NDArray
+
+from core.types import Candidate, RequestContext
+from features.candidate_refs import ITEM_CATEGORY, ITEM_EMBEDDING, ITEM_TAGS
+from policies.sponsored_marks import split_sponsored
+
+
+def content_keys(cand: Candidate) -> frozenset[str]:
+    """The candidate's category and tags as one set, for Jaccard similarity."""
+    category = cand.features.get_str(ITEM_CATEGORY, "")
+    tags = cand.features.get_strings(ITEM_TAGS, ())
+    keys = {f"t:{tag}" for tag in tags}
+    if category:
+        keys.add(f"c:{category}")
+    return frozenset(keys)
+
+
+def _unit(vector: tuple[float, ...]) -> NDArray[np.float64] | None:
+    if not vector:
+        return None
+    array = np.asarray(vector, dtype=np.float64)
+    norm = float(np.linalg.norm(array))
+    return array / norm if norm > 0 and math.isfinite(norm) else None
+
+
+class _Similarity:
+    """Pairwise similarity of a pool: cosine of embeddings where both have one, else Jaccard."""
+
+    def __init__(self, pool: list[Candidate]) -> None:
+        self._keys = [content_keys(c) for c in pool]
+        self._vectors = [_unit(c.features.get_vector(ITEM_EMBEDDING, ())) for c in pool]
+
+    def __call__(self, i: int, j: int) -> float:
+        a, b = self._vectors[i], self._vectors[j]
+        if a is not None and b is not None and a.shape == b.shape:
+            return float(a @ b)
+        ka, kb = self._keys[i], self._keys[j]
+        if not ka or not kb:
+            return 0.0
+        return len(ka & kb) / len(ka | kb)
+
+
+def intra_list_similarity(cands: list[Candidate]) -> float:
+    """Mean pairwise similarity of a list (lower is more diverse); 0.0 below two items."""
+    n = len(cands)
+    if n < 2:
+        return 0.0
+    sim = _Similarity(cands)
+    return sum(sim(i, j) for i in range(n) for j in range(i + 1, n)) / (n * (n - 1) / 2)
+
+
+class MmrDiversityPolicy:
+    """Re-orders the top of the list by MMR: ``λ * relevance - (1 - λ) * max similarity to the chosen``.
+
+    Relevance is the score min-max scaled over the pool; similarity is the cosine of
+    ``item:embedding`` when both items carry one, else the Jaccard similarity of their category
+    and tags. Only the best ``pool_size`` organic candidates (at least ``ctx.limit``) are
+    re-ordered, which bounds the O(pool²) cost; the rest follow in their order, then the
+    sponsored candidates.
+
+    Args:
+        diversity_lambda: 1.0 keeps the ranking, 0.0 maximises diversity.
+        pool_size: Candidates re-ordered, at least ``ctx.limit``.
+        name: Stage id.
+    """
+
+    def __init__(
+        self, diversity_lambda: float = 0.7, pool_size: int = 60, *, name: str = "mmr_diversity"
+    ) -> None:
+        if not 0.0 <= diversity_lambda <= 1.0:
+            raise ValueError(f"diversity_lambda must be in [0, 1], got {diversity_lambda}")
+        if pool_size < 1:
+            raise ValueError(f"pool_size must be at least 1, got {pool_size}")
+        self.name = name
+        self.diversity_lambda = diversity_lambda
+        self.pool_size = pool_size
+
+    def apply(self, ctx: RequestContext, ranked: list[Candidate]) -> list[Candidate]:
+        """The MMR order of the pool, then the rest, then the sponsored candidates."""
+        organic, sponsored = split_sponsored(ranked)
+        size = max(self.pool_size, ctx.limit)
+        pool, rest = organic[:size], organic[size:]
+        if len(pool) < 3 or self.diversity_lambda >= 1.0:
+            return organic + sponsored
+        scores = [c.score for c in pool]
+        low, high = min(scores), max(scores)
+        span = high - low
+        relevance = [(s - low) / span if span > 0 else 1.0 for s in scores]
+        sim = _Similarity(pool)
+        lam = self.diversity_lambda
+        remaining = list(range(len(pool)))
+        closest = [0.0] * len(pool)
+        order: list[int] = []
+        while remaining:
+            best = max(remaining, key=lambda i: (lam * relevance[i] - (1.0 - lam) * closest[i], -i))
+            remaining.remove(best)
+            order.append(best)
+            for i in remaining:
+                closest[i] = max(closest[i], sim(best, i))
+        return [pool[i] for i in order] + rest + sponsored

@@ -1,0 +1,142 @@
+"""An in-memory inverted index of the active catalog: category and tag to items, newest first.
+
+Redis keeps per-creator item sets but no per-category or per-tag lists, and content retrieval
+wants "newest first within a category", so a replica builds this index from the catalog records
+off the request path (at start and on a refresh timer) and swaps it in whole. An item removed
+since the last build may still be listed: the filters drop it on every request. An item added
+since is missing until the next build; trending and the ANN delta index cover new items meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from features.catalog_cache import CatalogEntry
+from features.redis_store import RedisStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ContentIndex:
+    """Category and tag postings over the active items, newest first.
+
+    Build with :meth:`from_entries` or :meth:`load`; never mutated afterwards.
+
+    Attributes:
+        by_category: Category to item ids, newest first.
+        by_tag: Tag to item ids, newest first.
+        entries: Item id to its catalog entry.
+    """
+
+    by_category: Mapping[str, tuple[str, ...]]
+    by_tag: Mapping[str, tuple[str, ...]]
+    entries: Mapping[str, CatalogEntry]
+
+    @classmethod
+    def from_entries(cls, entries: Iterable[CatalogEntry]) -> ContentIndex:
+        """Index catalog entries.
+
+        Args:
+            entries: Active items (each once; a repeat replaces the earlier entry).
+
+        Returns:
+            The index; items without a creation time sort last, ties by id.
+        """
+        by_id = {entry.item_id: entry for entry in entries}
+        newest_first = sorted(
+            by_id.values(),
+            key=lambda e: (-(e.created_at_s if e.created_at_s is not None else float("-inf")), e.item_id),
+        )
+        categories: dict[str, list[str]] = {}
+        tags: dict[str, list[str]] = {}
+        for entry in newest_first:
+            categories.setdefault(entry.category, []).append(entry.item_id)
+            for tag in entry.tags:
+                tags.setdefault(tag, []).append(entry.item_id)
+        return cls(
+            by_category={c: tuple(ids) for c, ids in categories.items()},
+            by_tag={t: tuple(ids) for t, ids in tags.items()},
+            entries=by_id,
+        )
+
+    @classmethod
+    def load(cls, store: RedisStore, *, batch: int = 1000) -> ContentIndex:
+        """Build the index from the active-items set and the item records in Redis.
+
+        Blocking (``SSCAN`` and ``MGET`` in batches); call it from a thread or at start-up.
+
+        Args:
+            store: The Redis store.
+            batch: Items per ``MGET``.
+
+        Returns:
+            The index.
+
+        Raises:
+            StoreUnavailable: Redis could not be reached.
+        """
+        keys = store.keys
+        entries: list[CatalogEntry] = []
+        pending: list[str] = []
+
+        def flush() -> None:
+            for item_id, record in zip(
+                pending, store.mget_json([keys.item(i) for i in pending]), strict=True
+            ):
+                if record is None or record.get("status", "active") != "active":
+                    continue
+                try:
+                    entries.append(CatalogEntry.from_record(record))
+                except (KeyError, TypeError, ValueError) as exc:
+                    logger.warning("catalog record of item %r is unreadable; not indexed: %s", item_id, exc)
+            pending.clear()
+
+        with store.guard():
+            for item_id in store.client.sscan_iter(keys.items_active(), count=batch):
+                pending.append(item_id)
+                if len(pending) >= batch:
+                    flush()
+        if pending:
+            flush()
+        return cls.from_entries(entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def category(self, category: str) -> tuple[str, ...]:
+        """Items of a category, newest first."""
+        return self.by_category.get(category, ())
+
+    def tag(self, tag: str) -> tuple[str, ...]:
+        """Items with a tag, newest first."""
+        return self.by_tag.get(tag, ())
+
+    def newest_first(self, item_ids: Iterable[str]) -> list[str]:
+        """``item_ids`` ordered newest first; ids the index does not know go last, by id."""
+        known: list[tuple[float, str]] = []
+        unknown: list[str] = []
+        for item_id in item_ids:
+            entry = self.entries.get(item_id)
+            if entry is None or entry.created_at_s is None:
+                unknown.append(item_id)
+            else:
+                known.append((-entry.created_at_s, item_id))
+        return [item_id for _, item_id in sorted(known)] + sorted(unknown)
+
+    def top_tags(self, item_ids: Sequence[str], limit: int) -> list[tuple[str, int]]:
+        """The most frequent tags of some items: ``(tag, count)``, most frequent first."""
+        counts: Counter[str] = Counter()
+        for item_id in item_ids:
+            entry = self.entries.get(item_id)
+            if entry is not None:
+                counts.update(entry.tags)
+        return sorted(counts.items(), key=lambda pair: (-pair[1], pair[0]))[:limit]
+
+    def top_creators(self, item_ids: Sequence[str], limit: int) -> list[tuple[str, int]]:
+        """The most frequent creators of some items: ``(creator_id, count)``, most frequent first."""
+        counts = Counter(self.entries[i].creator_id for i in item_ids if i in self.entries)
+        return sorted(counts.items(), key=lambda pair: (-pair[1], pair[0]))[:limit]
