@@ -1,0 +1,459 @@
+"""The offline pipeline: lake, Ray Data, two-tower, index, item-item, ranker, evaluation, registry.
+
+:func:`run_training` runs every stage in order and times each:
+
+1. ``data``: :func:`training.datasets.build_training_data` (clean events, split, positives).
+2. ``two_tower``: Ray Train fit with per-epoch validation recall.
+3. ``index``: item embeddings for the whole catalog (new items from content), the ANN index
+   (exact below ``retrieval.exact_max_items`` under ``auto``), its recall measured on real user
+   embeddings against exact search.
+4. ``item_item``: top-K similar items per item (co-occurrence over the training positives).
+5. ``ranker``: examples (impressions, else sampled negatives), Ray Train fit, AUC per head.
+6. ``evaluation``: on the test part of the split, side by side: the two-tower alone, retrieval
+   top-``candidates_k`` re-ranked by the ranker, and the MostPop, ItemKNN and EASE baselines.
+7. ``register``: the release bundle, its manifest (config, metrics, data snapshot, feature set,
+   checksums) and, if configured, an alias (``candidate`` by default; never ``production``).
+
+Evaluation goes through the request-time path (:meth:`TwoTowerServing.user_embeddings` from ids
+and raw profiles, the index's ``search``, :meth:`RankerServing.score`), so the offline numbers
+measure what serving would do.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from core.lake import Lake
+from core.settings import Settings
+from retrieval import AnnConfig, ExactIndex, ItemSimilarityTable, ScannIndex, build_item_index, measure_recall
+from training.config import EvalConfig, RetrievalConfig, TrainConfig
+from training.datasets import TrainingData, build_training_data
+from training.evaluation import EASE, ComparisonReport, ItemKNN, MostPop, TooManyItemsError, evaluate_scores
+from training.evaluation.metrics import evaluate_topk
+from training.ranker import RankerFeatureBuilder, RankerServing, RankerSizes
+from training.registry import BundleInfo, ModelRegistry
+from training.release import EVALUATION, FEATURE_SET_NAMES, Release, similarity_lookup
+from training.train_ranker import RankerJob, build_ranker_examples, fit_ranker, item_statistics
+from training.train_two_tower import TwoTowerJob, ValidationSet, fit_two_tower, positives_to_arrays
+from training.two_tower import TwoTowerServing, TwoTowerSizes
+
+logger = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.int64]
+
+_POSITIVE_COLUMNS = (
+    "user_index",
+    "user_bucket",
+    "history",
+    "age_group",
+    "region",
+    "language",
+    "item_index",
+    "ts_us",
+    "surface",
+    "device",
+)
+
+
+def connect_ray(*, num_cpus: int | None = None, quiet: bool = True) -> bool:
+    """Join the Ray cluster this process belongs to, or start a local one.
+
+    Under ``ray job submit`` (or with ``RAY_ADDRESS`` set) ``ray.init()`` attaches to the cluster;
+    ``num_cpus`` is only passed when a local instance is started, since a cluster's resources are
+    not the driver's to declare.
+
+    Args:
+        num_cpus: CPUs of a locally started instance (all cores when ``None``).
+        quiet: Turn Ray Data's progress bars off.
+
+    Returns:
+        Whether this call started (or attached) Ray; ``False`` when it was already initialised.
+    """
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
+    if quiet:
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    return True
+
+
+@dataclass
+class TrainingRun:
+    """The outcome of :func:`run_training`.
+
+    Attributes:
+        release: The trained serving objects.
+        report: The evaluation table (test part).
+        metrics: Everything recorded in the manifest's ``metrics``.
+        timings_s: Wall time of each stage.
+        bundle: The registered bundle, or ``None`` when registration was off.
+    """
+
+    release: Release
+    report: ComparisonReport
+    metrics: dict[str, Any]
+    timings_s: dict[str, float] = field(default_factory=dict)
+    bundle: BundleInfo | None = None
+
+
+class _Stages:
+    """Times named stages and reports their start and end through ``log``."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.timings: dict[str, float] = {}
+        self._log = log
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self._log(f"[{name}] ...")
+        started = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - started, 2)
+        self._log(f"[{name}] done in {self.timings[name]:.1f} s")
+
+
+def storage_path_for(home: str) -> str:
+    """Where Ray Train and Ray Tune keep run state for a data home (``<home>/ray_runs``)."""
+    return f"{home.rstrip('/')}/ray_runs" if "://" in home else str(Path(home).absolute() / "ray_runs")
+
+
+def build_index(
+    embeddings: FloatArray, ids: list[str], config: RetrievalConfig, queries: FloatArray | None
+) -> tuple[ExactIndex | ScannIndex, float]:
+    """The item index chosen by ``config.index``, and its recall@100 against exact search.
+
+    Args:
+        embeddings: Item embeddings, row ``p`` is ``ids[p]``.
+        ids: Item ids.
+        config: Index choice.
+        queries: Real user embeddings to measure recall on (sampled from items when ``None``).
+
+    Returns:
+        ``(index, recall)``; recall is 1.0 for an exact index.
+    """
+    n_items, dim = embeddings.shape
+    if config.index == "exact":
+        threshold = n_items + 1
+    elif config.index == "scann":
+        threshold = 0
+    else:
+        threshold = config.exact_max_items
+    ann = AnnConfig.from_catalog_size(n_items, dim, exact_below_items=threshold)
+    index = build_item_index(embeddings, ids, ann, sample_queries=queries)
+    if isinstance(index, ExactIndex):
+        return index, 1.0
+    sample = queries if queries is not None and len(queries) else embeddings[: config.recall_queries]
+    recall = measure_recall(
+        index, ExactIndex(embeddings, ids), sample[: config.recall_queries], k=min(100, n_items)
+    )
+    return index, recall
+
+
+def _user_embeddings(release: Release, data: TrainingData, user_ids: list[str]) -> FloatArray:
+    """Users of the lake embedded through the request-time path (ids, history ids, raw profile)."""
+    out = np.zeros((len(user_ids), release.two_tower.dim), dtype=np.float32)
+    for start in range(0, len(user_ids), 4096):
+        chunk = user_ids[start : start + 4096]
+        out[start : start + len(chunk)] = release.two_tower.user_embeddings(
+            chunk, data.history_ids(chunk), data.profiles(chunk)
+        )
+    return out
+
+
+def evaluate_release(
+    release: Release | None, data: TrainingData, config: EvalConfig, retrieval: RetrievalConfig
+) -> tuple[ComparisonReport, dict[str, float]]:
+    """Evaluate a release and the baselines on the test part of the data's split.
+
+    Args:
+        release: The models to evaluate; ``None`` evaluates the baselines alone.
+        data: Training data whose split is evaluated (users' histories are taken from it).
+        config: Cut-offs, baselines, surface.
+        retrieval: ``candidates_k`` of the two-stage evaluation.
+
+    Returns:
+        The comparison table and extra figures (candidate recall of retrieval).
+    """
+    split = data.split
+    report = ComparisonReport(split.metadata, part="test")
+    extra: dict[str, float] = {}
+    if release is not None:
+        extra = _evaluate_models(release, data, config, retrieval, report)
+
+    baselines = {"most_pop": MostPop, "item_knn": ItemKNN, "ease": EASE}
+    for name in config.baselines:
+        try:
+            model = baselines[name]().fit(split.train)
+        except TooManyItemsError as exc:
+            logger.warning("baseline %s skipped: %s", name, exc)
+            continue
+        report.add(name, evaluate_scores(model.score, split, config.ks))
+    return report, extra
+
+
+def _evaluate_models(
+    release: Release,
+    data: TrainingData,
+    config: EvalConfig,
+    retrieval: RetrievalConfig,
+    report: ComparisonReport,
+) -> dict[str, float]:
+    split = data.split
+    extra: dict[str, float] = {}
+    split_users = split.train.user_ids.tolist()
+    users = _user_embeddings(release, data, split_users)
+    rows = release.items.positions(split.train.item_ids.tolist())
+    in_catalog = rows >= 0
+    items = np.where(in_catalog[:, None], release.item_embeddings[np.maximum(rows, 0)], 0.0)
+
+    def two_tower_scores(batch: IntArray) -> FloatArray:
+        scores = users[batch] @ items.T
+        # Items the release does not hold cannot be recommended; -1e9 keeps them last without NaN.
+        return np.where(in_catalog[None, :], scores, -1e9).astype(np.float32)
+
+    report.add("two_tower", evaluate_scores(two_tower_scores, split, config.ks))
+    if config.two_stage and release.ranker is not None:
+        metrics, candidate_recall = _two_stage(release, data, users, rows, config, retrieval.candidates_k)
+        report.add(f"two_tower@{retrieval.candidates_k}+ranker", metrics)
+        extra[f"candidate_recall@{retrieval.candidates_k}"] = candidate_recall
+    return extra
+
+
+def _two_stage(
+    release: Release,
+    data: TrainingData,
+    users: FloatArray,
+    rows: IntArray,
+    config: EvalConfig,
+    candidates_k: int,
+) -> tuple[dict[str, float], float]:
+    """Retrieval top-``candidates_k`` from the index, re-ranked by the ranker; and candidate recall."""
+    assert release.ranker is not None, "two-stage evaluation needs a ranker"
+    split = data.split
+    test_users = split.test.active_users()
+    known = split.known_before("test")
+    item_ids = split.train.item_ids
+    # Rank over the split's items only, as the dense evaluation does.
+    allowed = np.zeros(release.index.size, dtype=bool)
+    index_rows = np.asarray([release.index.position_of(i) for i in item_ids.tolist()], dtype=object)
+    in_index = np.asarray([p is not None for p in index_rows])
+    allowed[np.asarray([p for p in index_rows if p is not None], dtype=np.int64)] = True
+    split_item_of_index = np.full(release.index.size, -1, dtype=np.int64)
+    split_item_of_index[np.asarray([p for p in index_rows if p is not None], dtype=np.int64)] = (
+        np.flatnonzero(in_index)
+    )
+    catalog_row_of_index = release.items.positions(list(release.index.ids))
+
+    known_rows, known_items = known.coordinates(test_users)
+    exclude: list[set[str]] = [set() for _ in test_users]
+    for row, item in zip(known_rows.tolist(), known_items.tolist(), strict=True):
+        exclude[row].add(str(item_ids[item]))
+    positions, _ = release.index.search(users[test_users], candidates_k, exclude=exclude, allowed=allowed)
+
+    histories = release.two_tower.encode_history(data.history_ids(split.train.user_ids[test_users].tolist()))
+    surface = config.surface
+    k_max = max(config.ks)
+    lists = np.full((len(test_users), k_max), -1, dtype=np.int64)
+    found = 0
+    targets = split.test.dense_rows(test_users, np.bool_)
+    for u in range(len(test_users)):
+        candidates = positions[u][positions[u] >= 0]
+        if len(candidates) == 0:
+            continue
+        split_items = split_item_of_index[candidates]
+        found += int(targets[u, split_items[split_items >= 0]].sum())
+        scores = release.ranker.score(
+            users[test_users[u]], histories[u], catalog_row_of_index[candidates], surface=surface
+        )
+        best = split_items[np.argsort(-scores, kind="stable")][:k_max]
+        lists[u, : len(best)] = best
+    metrics = evaluate_topk(lists, split, config.ks, user_indices=test_users)
+    candidate_recall = found / max(int(targets.sum()), 1)
+    return metrics, candidate_recall
+
+
+def run_training(
+    config: TrainConfig,
+    *,
+    home: str | None = None,
+    log: Callable[[str], None] = print,
+    data: TrainingData | None = None,
+) -> TrainingRun:
+    """Train, evaluate and (optionally) register a release from the lake of ``home``.
+
+    Ray must be initialised (see :func:`connect_ray`).
+
+    Args:
+        config: The run's configuration.
+        home: Data home (lake and registry); ``RAYREC_HOME`` (or ``./var``) when omitted.
+        log: Where progress lines go.
+        data: Training data already built from this home's lake with ``config.data`` (Tune
+            builds it once for the search and the final run); built here when omitted.
+
+    Returns:
+        The release, its evaluation and, when registered, the bundle.
+
+    Raises:
+        ValueError: The lake holds no usable events.
+    """
+    home = home or Settings.from_env().home
+    lake = Lake(home)
+    stages = _Stages(log)
+    storage = storage_path_for(home)
+
+    with stages("data"):
+        if data is None:
+            data = build_training_data(lake, config.data)
+    log(f"  {data.row_counts}")
+
+    with stages("two_tower"):
+        validation = ValidationSet.from_training_data(
+            data,
+            k=config.two_tower_train.eval_k,
+            max_users=config.two_tower_train.eval_max_users,
+            seed=config.two_tower_train.seed,
+        )
+        job = TwoTowerJob(
+            model=config.two_tower,
+            train=config.two_tower_train,
+            sizes=TwoTowerSizes.from_vocabularies(data.vocabularies),
+            validation=validation,
+        )
+        tt = fit_two_tower(data.positives, job, storage_path=storage)
+    for epoch in tt.history:
+        log(f"  two-tower {_format_metrics(epoch)}")
+    serving = TwoTowerServing(tt.model, data.vocabularies)
+
+    with stages("index"):
+        item_embeddings = serving.item_embeddings(data.items)
+        item_ids = data.items.item_ids.tolist()
+        queries = serving.user_embeddings_encoded(validation.user_inputs)
+        index, index_recall = build_index(item_embeddings, item_ids, config.retrieval, queries)
+    log(f"  index {type(index).__name__} over {len(item_ids)} items, recall@100 {index_recall:.3f}")
+
+    positives = positives_to_arrays(data.positives, _POSITIVE_COLUMNS)
+    with stages("item_item"):
+        rows = data.items.rows_of_id_index(len(data.vocabularies.item))[positives["item_index"]]
+        known = rows >= 0
+        similarity = ItemSimilarityTable.from_interactions(
+            positives["user_index"][known], rows[known], item_ids, config.retrieval.item_neighbours
+        )
+        builder = RankerFeatureBuilder(
+            items=data.items,
+            item_embeddings=item_embeddings,
+            stats=item_statistics(data),
+            similarity=similarity_lookup(data.items, similarity),
+            vocabularies=data.vocabularies,
+        )
+
+    with stages("ranker"):
+        examples = build_ranker_examples(
+            lake, data, positives, builder, serving, config.ranker, min_watch_s=config.data.min_watch_s
+        )
+        train_examples, valid_examples = examples.split_by_user(seed=config.ranker.seed)
+        ranker_job = RankerJob(
+            config=config.ranker,
+            sizes=RankerSizes(
+                embedding_dim=serving.dim,
+                surface=len(data.vocabularies.surface),
+                device=len(data.vocabularies.device),
+            ),
+            dense=train_examples.inputs["dense"],
+            validation=valid_examples,
+        )
+        ranked = fit_ranker(train_examples, ranker_job, storage_path=storage)
+    log(f"  ranker examples: {len(examples)} ({examples.source}), positive rates {examples.positive_rates()}")
+    log(f"  ranker validation {_format_metrics(ranked.validation)}")
+
+    release = Release(
+        version="unregistered",
+        vocabularies=data.vocabularies,
+        items=data.items,
+        two_tower=serving,
+        item_embeddings=item_embeddings,
+        index=index,
+        item_similarity=similarity,
+        ranker=RankerServing(ranked.model, builder, config.ranker.surface_weights),
+    )
+
+    with stages("evaluation"):
+        report, extra = evaluate_release(release, data, config.eval, config.retrieval)
+    log(report.render())
+
+    metrics: dict[str, Any] = {
+        "evaluation": report.to_dict(),
+        "two_tower": {"history": tt.history, "seconds": round(tt.seconds, 2)},
+        "index": {"kind": type(index).__name__, "items": len(item_ids), "recall_at_100": index_recall},
+        "ranker": {
+            "examples": len(examples),
+            "source": examples.source,
+            "positive_rates": examples.positive_rates(),
+            "validation": ranked.validation,
+            "history": ranked.history,
+            "seconds": round(ranked.seconds, 2),
+        },
+        **extra,
+        **{
+            f"test_{model}_{name}": value for model, row in report.rows.items() for name, value in row.items()
+        },
+    }
+
+    bundle: BundleInfo | None = None
+    if config.register_bundle:
+        with stages("register"):
+            registry = ModelRegistry(home)
+            with tempfile.TemporaryDirectory(prefix="rayrec-release-") as staging:
+                release.save(staging)
+                report.to_json(str(Path(staging) / EVALUATION))
+                metrics["timings_s"] = dict(stages.timings)
+                bundle = registry.register(
+                    staging,
+                    config=config.model_dump(mode="json"),
+                    metrics=metrics,
+                    data=data.data_snapshot(config.description or f"protocol {config.data.protocol}"),
+                    feature_set=list(FEATURE_SET_NAMES),
+                )
+            if config.promote_to is not None:
+                registry.promote(bundle.version, config.promote_to)
+        log(
+            f"registered {bundle.version} at {bundle.uri}"
+            + (f" as {config.promote_to}" if config.promote_to else "")
+        )
+    metrics["timings_s"] = dict(stages.timings)
+    return TrainingRun(
+        release=release, report=report, metrics=metrics, timings_s=stages.timings, bundle=bundle
+    )
+
+
+def _format_metrics(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
+__all__ = [
+    "TrainingRun",
+    "build_index",
+    "connect_ray",
+    "evaluate_release",
+    "run_training",
+    "storage_path_for",
+]

@@ -1,0 +1,559 @@
+"""The multi-task ranker: feature building, model, training task and serving module.
+
+The ranker scores (user, candidate) pairs the retrieval stage produced. Its inputs:
+
+* the frozen two-tower embeddings of the user and of the item, and their element-wise product;
+* dense cross and item features (:data:`DENSE_FEATURES`): two-tower score, item-item score (the
+  best and the mean similarity of the candidate to the user's history, from the item-item table),
+  category affinity (share of the user's recent positives in the candidate's category), item
+  popularity, smoothed CTR and like rate (with the priors of :mod:`features.params`, the same
+  smoothing the online ``item_engagement`` view serves), and whether the item has its own id;
+* the request context: surface, device and hour of day, each embedded.
+
+Heads: click, like and purchase (logits, binary cross-entropy) and watch time (regression on
+``log1p`` seconds, squared error). The final score of a surface is a weighted sum of the three
+probabilities and the predicted ``log1p`` watch time, with per-surface weights from the config.
+
+:class:`RankerFeatureBuilder` is pure numpy and is what both training (for every example) and
+serving (for every request) call, so the features cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from features.params import DEFAULT_PARAMS
+from training.config import HeadWeights, RankerConfig
+from training.encoding import UNKNOWN, ItemFeatures, Vocabularies
+
+FloatArray = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.int64]
+
+HEADS: Final = ("click", "like", "purchase", "watch_time")
+"""Outputs of the ranker, in order; the first three are binary, the last is ``log1p`` seconds."""
+
+BINARY_HEADS: Final = ("click", "like", "purchase")
+
+DENSE_FEATURES: Final = (
+    "two_tower_score",
+    "item_item_max",
+    "item_item_mean",
+    "category_affinity",
+    "log_popularity",
+    "ctr",
+    "like_rate",
+    "has_item_id",
+)
+"""Dense inputs of the ranker, in column order."""
+
+RANKER_INPUTS: Final = ("user_embedding", "item_embedding", "dense", "surface", "device", "hour")
+"""Input columns of :class:`MultiTaskRanker`."""
+
+LABELS: Final = ("click", "like", "purchase", "watch_log1p")
+"""Label columns of ranker examples (``watch_log1p`` is the target of the ``watch_time`` head)."""
+
+HOURS: Final = 25
+"""Hour-of-day embedding rows: 0 for unknown, then hours 0-23 as 1-24."""
+
+WEIGHTS_FILE: Final = "ranker.pt"
+MODEL_FILE: Final = "ranker.json"
+ITEM_STATS_FILE: Final = "item_stats.parquet"
+
+
+def hour_of_day(ts_us: npt.NDArray[np.int64]) -> IntArray:
+    """Embedding index of the UTC hour of each timestamp (1-24)."""
+    return ((ts_us // 3_600_000_000) % 24 + 1).astype(np.int64)
+
+
+def smoothed_rates(
+    successes: npt.ArrayLike, trials: npt.ArrayLike, prior_mean: float, prior_strength: float
+) -> FloatArray:
+    """Beta-smoothed rates ``(s + m*k) / (n + k)``, vectorised (the online view's formula)."""
+    s = np.asarray(successes, dtype=np.float64)
+    n = np.asarray(trials, dtype=np.float64)
+    return ((s + prior_mean * prior_strength) / (n + prior_strength)).astype(np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class ItemStats:
+    """Per-item engagement statistics the ranker reads, aligned with the catalog rows.
+
+    Attributes:
+        item_ids: Catalog item ids.
+        log_popularity: ``log1p`` of training positives.
+        ctr: Smoothed clicks per view.
+        like_rate: Smoothed likes per view.
+    """
+
+    item_ids: npt.NDArray[np.str_]
+    log_popularity: FloatArray
+    ctr: FloatArray
+    like_rate: FloatArray
+
+    @classmethod
+    def from_counts(
+        cls,
+        item_ids: npt.NDArray[np.str_],
+        positives: IntArray,
+        views: IntArray,
+        clicks: IntArray,
+        likes: IntArray,
+    ) -> ItemStats:
+        """Compute the statistics from per-item counts.
+
+        Args:
+            item_ids: Catalog item ids.
+            positives: Training positives per item.
+            views: Exposures per item (``view`` events, plus clicks when views are not logged).
+            clicks: Clicks per item.
+            likes: Likes per item.
+
+        Returns:
+            The statistics.
+        """
+        params = DEFAULT_PARAMS
+        return cls(
+            item_ids=item_ids,
+            log_popularity=np.log1p(positives).astype(np.float32),
+            ctr=smoothed_rates(clicks, views, params.ctr_prior_mean, params.ctr_prior_strength),
+            like_rate=smoothed_rates(likes, views, params.like_prior_mean, params.like_prior_strength),
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write as Parquet."""
+        pq.write_table(
+            pa.table(
+                {
+                    "item_id": self.item_ids.tolist(),
+                    "log_popularity": self.log_popularity,
+                    "ctr": self.ctr,
+                    "like_rate": self.like_rate,
+                }
+            ),
+            str(path),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> ItemStats:
+        """Read a file written by :meth:`save`."""
+        table = pq.read_table(str(path))
+        return cls(
+            item_ids=np.asarray(table.column("item_id").to_pylist(), dtype=np.str_),
+            log_popularity=np.asarray(table.column("log_popularity").to_numpy(), dtype=np.float32),
+            ctr=np.asarray(table.column("ctr").to_numpy(), dtype=np.float32),
+            like_rate=np.asarray(table.column("like_rate").to_numpy(), dtype=np.float32),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class SimilarityLookup:
+    """Item-item scores between catalog rows, for vectorised lookups.
+
+    Attributes:
+        n_items: Catalog rows.
+        keys: Sorted ``source_row * n_items + neighbour_row``.
+        scores: Score of each key.
+    """
+
+    n_items: int
+    keys: IntArray
+    scores: FloatArray
+
+    @classmethod
+    def from_neighbours(
+        cls, catalog_ids: npt.NDArray[np.str_], neighbours: Mapping[str, list[tuple[str, float]]]
+    ) -> SimilarityLookup:
+        """Build from each item's neighbour list (ids not in the catalog are ignored).
+
+        Args:
+            catalog_ids: Catalog item ids, by row.
+            neighbours: For each item id, ``(neighbour_id, score)`` pairs.
+
+        Returns:
+            The lookup.
+        """
+        row = {item: i for i, item in enumerate(catalog_ids.tolist())}
+        n_items = len(row)
+        keys: list[int] = []
+        scores: list[float] = []
+        for source, pairs in neighbours.items():
+            if source not in row:
+                continue
+            for target, score in pairs:
+                if target in row:
+                    keys.append(row[source] * n_items + row[target])
+                    scores.append(score)
+        order = np.argsort(np.asarray(keys, dtype=np.int64), kind="stable")
+        return cls(
+            n_items=n_items,
+            keys=np.asarray(keys, dtype=np.int64)[order],
+            scores=np.asarray(scores, dtype=np.float32)[order],
+        )
+
+    def pair_scores(self, sources: IntArray, targets: IntArray) -> FloatArray:
+        """Score of each (source row, target row) pair; 0 where not neighbours or a row is -1."""
+        out = np.zeros(np.broadcast_shapes(sources.shape, targets.shape), dtype=np.float32)
+        if len(self.keys) == 0:
+            return out
+        src, dst = np.broadcast_arrays(sources, targets)
+        valid = (src >= 0) & (dst >= 0)
+        wanted = src * self.n_items + dst
+        at = np.minimum(np.searchsorted(self.keys, wanted), len(self.keys) - 1)
+        found = valid & (self.keys[at] == wanted)
+        out[found] = self.scores[at[found]]
+        return out
+
+    def save(self, path: str | Path) -> None:
+        """Write as ``.npz``."""
+        np.savez(path, n_items=np.asarray(self.n_items), keys=self.keys, scores=self.scores)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SimilarityLookup:
+        """Read a file written by :meth:`save`."""
+        with np.load(path) as data:
+            return cls(int(data["n_items"]), data["keys"].astype(np.int64), data["scores"].astype(np.float32))
+
+
+@dataclass(frozen=True, eq=False)
+class RankerFeatureBuilder:
+    """Builds ranker inputs from embeddings, histories and candidates (offline and online alike).
+
+    Attributes:
+        items: Encoded catalog (rows are the item rows used everywhere below).
+        item_embeddings: ``(len(items), dim)`` two-tower item embeddings.
+        stats: Engagement statistics of the catalog rows.
+        similarity: Item-item scores between catalog rows.
+        vocabularies: Encodings (item vocabulary indices are how histories are given).
+    """
+
+    items: ItemFeatures
+    item_embeddings: FloatArray
+    stats: ItemStats
+    similarity: SimilarityLookup
+    vocabularies: Vocabularies
+    _row_of_index: IntArray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        n_items = len(self.items)
+        assert self.item_embeddings.shape[0] == n_items, (
+            f"{self.item_embeddings.shape[0]} item embeddings for {n_items} catalog items"
+        )
+        assert len(self.stats.ctr) == n_items, f"{len(self.stats.ctr)} item stats for {n_items} catalog items"
+        object.__setattr__(self, "_row_of_index", self.items.rows_of_id_index(len(self.vocabularies.item)))
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension."""
+        return int(self.item_embeddings.shape[1])
+
+    def rows_of_indices(self, item_indices: IntArray) -> IntArray:
+        """Catalog row of each item vocabulary index (-1 for padding or items not in the catalog)."""
+        return np.where(item_indices > UNKNOWN, self._row_of_index[item_indices], -1)
+
+    def build(
+        self,
+        user_embeddings: FloatArray,
+        history: IntArray,
+        candidate_rows: IntArray,
+        surface: IntArray,
+        device: IntArray,
+        hour: IntArray,
+    ) -> dict[str, npt.NDArray[np.generic]]:
+        """The ranker inputs of a batch of (user, candidate) pairs.
+
+        Args:
+            user_embeddings: ``(batch, dim)`` two-tower user embeddings.
+            history: ``(batch, history_length)`` item vocabulary indices of recent positives.
+            candidate_rows: ``(batch,)`` catalog rows of the candidates.
+            surface: ``(batch,)`` surface vocabulary indices.
+            device: ``(batch,)`` device vocabulary indices.
+            hour: ``(batch,)`` hour indices (:func:`hour_of_day`; 0 unknown).
+
+        Returns:
+            Columns named as :data:`RANKER_INPUTS`.
+        """
+        batch = len(candidate_rows)
+        assert user_embeddings.shape == (batch, self.dim), (
+            f"user embeddings {user_embeddings.shape} do not match {batch} candidates of dim {self.dim}"
+        )
+        assert history.shape[0] == batch, f"{history.shape[0]} histories for {batch} candidates"
+        in_range = (candidate_rows >= 0) & (candidate_rows < len(self.items))
+        assert in_range.all(), "candidate rows out of range"
+        item_embeddings = self.item_embeddings[candidate_rows]
+        history_rows = self.rows_of_indices(history)
+        present = history_rows >= 0
+        n_history = present.sum(axis=1)
+        similarity = self.similarity.pair_scores(history_rows, candidate_rows[:, None])
+        category = self.items.category[candidate_rows]
+        history_category = np.where(present, self.items.category[np.maximum(history_rows, 0)], -1)
+        same_category = (history_category == category[:, None]) & (category[:, None] != UNKNOWN)
+        denominator = np.maximum(n_history, 1)
+        dense = np.stack(
+            [
+                (user_embeddings * item_embeddings).sum(axis=1),
+                similarity.max(axis=1, initial=0.0),
+                similarity.sum(axis=1) / denominator,
+                same_category.sum(axis=1) / denominator,
+                self.stats.log_popularity[candidate_rows],
+                self.stats.ctr[candidate_rows],
+                self.stats.like_rate[candidate_rows],
+                (self.items.id_index[candidate_rows] > UNKNOWN).astype(np.float32),
+            ],
+            axis=1,
+        ).astype(np.float32)
+        return {
+            "user_embedding": np.asarray(user_embeddings, dtype=np.float32),
+            "item_embedding": np.asarray(item_embeddings, dtype=np.float32),
+            "dense": dense,
+            "surface": np.asarray(surface, dtype=np.int64),
+            "device": np.asarray(device, dtype=np.int64),
+            "hour": np.asarray(hour, dtype=np.int64),
+        }
+
+
+@dataclass(frozen=True)
+class RankerSizes:
+    """Input sizes of the ranker.
+
+    Attributes:
+        embedding_dim: Two-tower embedding dimension.
+        surface: Surface vocabulary rows.
+        device: Device vocabulary rows.
+    """
+
+    embedding_dim: int
+    surface: int
+    device: int
+
+
+class MultiTaskRanker(nn.Module):
+    """Shared bottom MLP over embeddings, dense and context features, with one head per task."""
+
+    dense_mean: Tensor
+    dense_std: Tensor
+
+    def __init__(self, config: RankerConfig, sizes: RankerSizes) -> None:
+        """Build the model.
+
+        Args:
+            config: Layer sizes and dropout.
+            sizes: Input sizes.
+        """
+        super().__init__()
+        self.config = config
+        self.sizes = sizes
+        self.surface = nn.Embedding(sizes.surface, config.context_dim, padding_idx=UNKNOWN)
+        self.device_embedding = nn.Embedding(sizes.device, config.context_dim, padding_idx=UNKNOWN)
+        self.hour = nn.Embedding(HOURS, config.context_dim, padding_idx=UNKNOWN)
+        n_dense = len(DENSE_FEATURES)
+        # Standardisation constants of the dense features, set from the training examples and saved
+        # with the weights so serving standardises exactly as training did.
+        self.register_buffer("dense_mean", torch.zeros(n_dense))
+        self.register_buffer("dense_std", torch.ones(n_dense))
+        width = 3 * sizes.embedding_dim + n_dense + 3 * config.context_dim
+        layers: list[nn.Module] = []
+        for size in config.hidden_dims:
+            layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(config.dropout)]
+            width = size
+        self.bottom = nn.Sequential(*layers)
+        self.heads = nn.ModuleDict({name: nn.Linear(width, 1) for name in HEADS})
+
+    def set_dense_statistics(self, dense: FloatArray) -> None:
+        """Fix the standardisation of the dense features from training examples."""
+        assert dense.ndim == 2 and dense.shape[1] == len(DENSE_FEATURES), (
+            f"dense must be (n, {len(DENSE_FEATURES)}), got {dense.shape}"
+        )
+        mean = torch.as_tensor(dense.mean(axis=0), dtype=torch.float32)
+        std = torch.as_tensor(dense.std(axis=0), dtype=torch.float32).clamp(min=1e-3)
+        self.dense_mean.copy_(mean)
+        self.dense_std.copy_(std)
+
+    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Score a batch.
+
+        Args:
+            batch: Tensors named as :data:`RANKER_INPUTS`.
+
+        Returns:
+            ``(batch,)`` outputs per head: logits for the binary heads, ``log1p`` seconds for
+            ``watch_time``.
+        """
+        user, item = batch["user_embedding"], batch["item_embedding"]
+        dense = (batch["dense"] - self.dense_mean) / self.dense_std
+        features = torch.cat(
+            [
+                user,
+                item,
+                user * item,
+                dense,
+                self.surface(batch["surface"]),
+                self.device_embedding(batch["device"]),
+                self.hour(batch["hour"]),
+            ],
+            dim=-1,
+        )
+        hidden = self.bottom(features)
+        return {name: head(hidden).squeeze(-1) for name, head in self.heads.items()}
+
+
+class MultiTaskTask(nn.Module):
+    """Sum of binary cross-entropy on click, like and purchase and squared error on watch time."""
+
+    def forward(
+        self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]
+    ) -> tuple[Tensor, dict[str, float]]:
+        """The loss of a batch.
+
+        Args:
+            outputs: The ranker's outputs.
+            labels: ``click``, ``like``, ``purchase`` (0/1) and ``watch_log1p``.
+
+        Returns:
+            The total loss and each head's value.
+        """
+        parts = {
+            name: F.binary_cross_entropy_with_logits(outputs[name], labels[name].float())
+            for name in BINARY_HEADS
+        }
+        parts["watch_time"] = F.mse_loss(outputs["watch_time"], labels["watch_log1p"].float())
+        total = torch.stack(list(parts.values())).sum()
+        return total, {name: value.item() for name, value in parts.items()}
+
+
+def _tensors(arrays: Mapping[str, npt.NDArray[np.generic]]) -> dict[str, Tensor]:
+    out = {}
+    for name, values in arrays.items():
+        dtype = torch.int64 if np.issubdtype(values.dtype, np.integer) else torch.float32
+        out[name] = torch.as_tensor(np.asarray(values), dtype=dtype)
+    return out
+
+
+class RankerServing:
+    """Request-time scoring with a trained :class:`MultiTaskRanker`.
+
+    Attributes:
+        model: The model, in eval mode.
+        builder: The feature builder (catalog, item embeddings, statistics, item-item scores).
+        surface_weights: Head weights per surface (``default`` for the others).
+    """
+
+    def __init__(
+        self,
+        model: MultiTaskRanker,
+        builder: RankerFeatureBuilder,
+        surface_weights: Mapping[str, HeadWeights],
+    ) -> None:
+        """Wrap a trained model.
+
+        Args:
+            model: The trained ranker (unwrapped from DDP).
+            builder: Features of the same release.
+            surface_weights: Head weights per surface; must hold ``default``.
+        """
+        assert "default" in surface_weights, "surface_weights needs a 'default' entry"
+        self.model = model.eval()
+        self.builder = builder
+        self.surface_weights = dict(surface_weights)
+
+    @torch.no_grad()
+    def predict(
+        self, inputs: Mapping[str, npt.NDArray[np.generic]], *, batch_size: int = 8192
+    ) -> dict[str, FloatArray]:
+        """Per-head predictions: probabilities for the binary heads, ``log1p`` seconds for watch time."""
+        n_rows = len(inputs["dense"])
+        out = {name: np.zeros(n_rows, dtype=np.float32) for name in HEADS}
+        for start in range(0, n_rows, batch_size):
+            chunk = _tensors({k: v[start : start + batch_size] for k, v in inputs.items()})
+            raw = self.model(chunk)
+            for name in HEADS:
+                values = torch.sigmoid(raw[name]) if name in BINARY_HEADS else raw[name]
+                out[name][start : start + batch_size] = values.numpy()
+        return out
+
+    def combine(self, predictions: Mapping[str, FloatArray], surface: str) -> FloatArray:
+        """The final score of each row on a surface: the weighted sum of the head outputs."""
+        weights = self.surface_weights.get(surface, self.surface_weights["default"])
+        return np.asarray(
+            weights.click * predictions["click"]
+            + weights.like * predictions["like"]
+            + weights.purchase * predictions["purchase"]
+            + weights.watch_time * predictions["watch_time"],
+            dtype=np.float32,
+        )
+
+    def score(
+        self,
+        user_embedding: FloatArray,
+        history: IntArray,
+        candidate_rows: IntArray,
+        *,
+        surface: str = "default",
+        device: str | None = None,
+        hour: int | None = None,
+    ) -> FloatArray:
+        """Score one user's candidates.
+
+        Args:
+            user_embedding: ``(dim,)`` two-tower user embedding.
+            history: ``(history_length,)`` item vocabulary indices of recent positives.
+            candidate_rows: Catalog rows of the candidates.
+            surface: Request surface (weights and the surface embedding).
+            device: Device class, if known.
+            hour: UTC hour of day (0-23), if known.
+
+        Returns:
+            One score per candidate, same order; higher is better.
+        """
+        n_rows = len(candidate_rows)
+        vocabularies = self.builder.vocabularies
+        inputs = self.builder.build(
+            np.repeat(user_embedding[None, :], n_rows, axis=0),
+            np.repeat(history[None, :], n_rows, axis=0),
+            candidate_rows,
+            np.full(n_rows, vocabularies.surface.index(surface), dtype=np.int64),
+            np.full(n_rows, vocabularies.device.index(device), dtype=np.int64),
+            np.full(n_rows, 0 if hour is None else hour + 1, dtype=np.int64),
+        )
+        return self.combine(self.predict(inputs), surface)
+
+    def save(self, directory: str | Path) -> None:
+        """Write the weights, the model shape and the item statistics."""
+        root = Path(directory)
+        root.mkdir(parents=True, exist_ok=True)
+        torch.save(self.model.state_dict(), root / WEIGHTS_FILE)
+        shape = {
+            "config": self.model.config.model_dump(mode="json"),
+            "sizes": asdict(self.model.sizes),
+            "surface_weights": {k: v.model_dump() for k, v in self.surface_weights.items()},
+        }
+        (root / MODEL_FILE).write_text(json.dumps(shape, indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path, builder: RankerFeatureBuilder) -> RankerServing:
+        """Read what :meth:`save` wrote.
+
+        Args:
+            directory: The directory given to :meth:`save`.
+            builder: The feature builder of the same release.
+
+        Returns:
+            The serving module.
+        """
+        root = Path(directory)
+        shape = json.loads((root / MODEL_FILE).read_text())
+        model = MultiTaskRanker(RankerConfig.model_validate(shape["config"]), RankerSizes(**shape["sizes"]))
+        model.load_state_dict(torch.load(root / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+        weights = {k: HeadWeights.model_validate(v) for k, v in shape["surface_weights"].items()}
+        return cls(model, builder, weights)
