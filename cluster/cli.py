@@ -14,7 +14,13 @@ from pathlib import Path
 
 from core.settings import Settings, SettingsError
 
-_COMMAND_MODULES = ("training.commands", "features.commands", "deployments.commands", "cluster.ops_commands")
+_COMMAND_MODULES = (
+    "training.commands",
+    "training.experiment_commands",
+    "features.commands",
+    "deployments.commands",
+    "cluster.ops_commands",
+)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
