@@ -128,15 +128,47 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job: demo data into the lake and the online store, then what is stored."""
+    """The main job on local Ray: generate, import, warm the online store, train, promote, serve.
+
+    Prints a ``curl`` of the seed's example request for a real user of the demo data, checked to
+    answer, and keeps the application up until Ctrl-C (``--no-block`` returns instead).
+    """
+    from core.schema import utcnow
+    from deployments.commands import DEFAULT_APP, block_until_interrupted, serve_app
+    from features.event_replay import replay_events
+    from features.online_store import OnlineFeatureStore
+    from training.config import TrainConfig
+    from training.pipeline import connect_ray, run_training
+    from training.registry import ModelRegistry
+
     started = time.perf_counter()
     gen = argparse.Namespace(**vars(args), users=None, items=None, events=None, seed=None)
     rc = cmd_generate(gen)
     if rc:
         return rc
+    settings = _settings(args)
+    lake, _, store = _open(settings)
+    # The stream processor fills the online features from live events; a generated world has
+    # none yet, so its newest events are replayed through the same fold, re-timed to end now.
+    replayed = replay_events(lake, OnlineFeatureStore(store), max_events=50_000, retime_to=utcnow())
+    store.close()
+    print(f"online store: {replayed:,} recent events replayed into the features")
     rc = cmd_status(args)
+    if rc:
+        return rc
+    connect_ray(num_cpus=args.num_cpus)
+    run = run_training(TrainConfig.smoke_test(promote_to=None), home=settings.home)
+    if run.bundle is None:
+        print("error: training registered no bundle", file=sys.stderr)
+        return 1
+    version = ModelRegistry(settings.home).promote(run.bundle.version, "production")
+    print(f"production -> {version}")
+    curl = serve_app(settings, host=args.host, port=args.port, num_cpus=args.num_cpus)
     print(f"demo finished in {time.perf_counter() - started:.1f} s")
-    return rc
+    print(f"try: {curl}")
+    if not args.no_block:
+        block_until_interrupted(DEFAULT_APP)
+    return 0
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
@@ -193,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", parents=[common], help="the main job on local Ray")
     demo.add_argument("--preset", default="small", choices=["tiny", "small", "benchmark"])
+    from deployments.commands import add_serve_options
+
+    add_serve_options(demo)
     demo.set_defaults(func=cmd_demo)
 
     reset = sub.add_parser("reset", parents=[common], help="delete this namespace's online data")

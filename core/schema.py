@@ -32,6 +32,8 @@ MAX_TAGS = 32
 MAX_INTERESTS = 64
 MAX_FUTURE_SKEW = timedelta(minutes=5)
 """How far ahead of the server clock an event may be stamped (client clocks drift)."""
+MIN_EVENT_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+"""Earliest event timestamp: features key time by epochs counted from the Unix epoch."""
 
 Id = Annotated[
     str,
@@ -64,17 +66,27 @@ def utcnow() -> datetime:
 
 def _aware(value: datetime) -> datetime:
     # Naive timestamps are taken as UTC: clients that omit the offset almost always mean it.
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        # 0001-01-01T00:00+01:00 or 9999-12-31T23:59-01:00: valid text, but no UTC instant exists.
+        raise ValueError("is outside the years 1-9999 once converted to UTC") from None
 
 
-def _not_in_future(value: datetime) -> datetime:
+def _event_time(value: datetime) -> datetime:
     value = _aware(value)
     if value > utcnow() + MAX_FUTURE_SKEW:
         raise ValueError(f"is in the future (more than {int(MAX_FUTURE_SKEW.total_seconds())} s ahead)")
+    if value < MIN_EVENT_TIME:
+        # Such an event would reach the stream processor with a negative trending epoch, fail
+        # its whole batch, and be retried forever.
+        raise ValueError("is before 1970-01-01T00:00:00Z")
     return value
 
 
-PastTimestamp = Annotated[datetime, AfterValidator(_not_in_future)]
+PastTimestamp = Annotated[datetime, AfterValidator(_event_time)]
 Timestamp = Annotated[datetime, AfterValidator(_aware)]
 
 

@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 _NAMESPACE_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,31}$")
 _ENV_PREFIX = "RAYREC_"
 
+MIN_RATE_LIMIT_BURST = 1_000
+"""Smallest allowed burst: the largest event batch (``POST /api/events/batch``) must fit in it."""
+
 
 class SettingsError(ValueError):
     """Raised when the environment holds an invalid setting; the message names the variable."""
@@ -51,6 +54,22 @@ class Settings(BaseModel):
 
     stream_max_len: Annotated[int, Field(ge=1000)] = 2_000_000
     """Event stream capacity: beyond this many un-trimmed entries the event API answers 503."""
+
+    rate_limit_events_per_s: Annotated[float, Field(ge=0, le=1_000_000)] = 0.0
+    """Events per second each client may send to the event routes, sustained; 0 disables the limit.
+
+    A client is its ``X-API-Key`` when client keys are configured, else its address. The buckets
+    live in Redis, so the limit holds across every ingress replica together."""
+
+    rate_limit_events_burst: Annotated[int, Field(ge=MIN_RATE_LIMIT_BURST, le=10_000_000)] = 2_000
+    """Events a client may send at once before the sustained rate applies (the bucket's size).
+
+    At least 1,000, the largest batch the API accepts, so that every valid batch can pass."""
+
+    rate_limit_trusted_proxies: Annotated[int, Field(ge=0, le=8)] = 0
+    """Proxies in front of the ingress that append to ``X-Forwarded-For``; the client's address is
+    read that many entries from the right. 0 uses the connection's address and ignores the header,
+    which a client could otherwise forge to get a fresh bucket per request."""
 
     @field_validator("redis_url")
     @classmethod

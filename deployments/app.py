@@ -8,7 +8,12 @@ from pydantic import BaseModel, ConfigDict
 from ray.serve import Application
 
 from deployments.ingress import Ingress
+from deployments.ranker import Ranker
+from deployments.recommender.options import ServingOptions
+from deployments.retrieval import Retrieval
 from deployments.stream_workers import StreamWorkers
+
+_SETTINGS_FIELDS = ("home", "namespace", "redis_url")
 
 
 class AppArgs(BaseModel):
@@ -26,10 +31,12 @@ class AppArgs(BaseModel):
     """Redis key namespace; ``$RAYREC_NAMESPACE`` when unset."""
     redis_url: str | None = None
     """Online store URL; ``$RAYREC_REDIS_URL`` when unset."""
+    serving: ServingOptions = ServingOptions()
+    """The read path: surfaces file, sponsored campaigns, budgets, the ranker's circuit breaker."""
 
     def settings_overrides(self) -> dict[str, Any]:
         """The settings given here, to apply over each replica's environment."""
-        return {k: v for k, v in self.model_dump().items() if v is not None}
+        return {k: v for k, v in self.model_dump(include=set(_SETTINGS_FIELDS)).items() if v is not None}
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -45,5 +52,8 @@ def build_app(args: dict[str, Any]) -> Application:
     overrides = parsed.settings_overrides()
     # serve.deployment turns the classes into Deployments at run time; their stubs do not say so.
     workers = StreamWorkers.bind(overrides)  # type: ignore[attr-defined]
-    app: Application = Ingress.bind(overrides, workers)  # type: ignore[attr-defined]
+    retrieval = Retrieval.bind(overrides)  # type: ignore[attr-defined]
+    ranker = Ranker.bind(overrides)  # type: ignore[attr-defined]
+    serving = parsed.serving.model_dump(mode="json")
+    app: Application = Ingress.bind(overrides, workers, retrieval, ranker, serving)  # type: ignore[attr-defined]
     return app

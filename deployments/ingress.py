@@ -11,6 +11,10 @@ from ray.serve.handle import DeploymentHandle
 from core.settings import Settings
 from deployments.api.app import create_app
 from deployments.api.services import ApiServices
+from deployments.model_gateway import HandleGateway
+from deployments.recommender.metrics import default_serving_metrics
+from deployments.recommender.options import ServingOptions
+from deployments.recommender.service import RecommendationService
 
 
 @serve.deployment(name="ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.5})
@@ -18,18 +22,38 @@ from deployments.api.services import ApiServices
 class Ingress:
     """Serves the HTTP API; every replica owns its own Redis pools.
 
+    The read path's control flow runs here: the pipeline runner, the Redis-backed sources,
+    filters, feature hydration, pre-score and re-ranking, with one hop to ``retrieval`` and one
+    to ``ranker`` per request (see ``deployments.recommender.service``).
+
     Args:
         settings_overrides: Values that win over the replica's ``RAYREC_*`` environment (secrets
             stay in the environment, never in the Serve config).
         stream_workers: Handle of the ``stream_workers`` deployment, for the admin stream report.
+        retrieval: Handle of the ``retrieval`` deployment; without it and ``ranker`` the replica
+            serves no recommendations.
+        ranker: Handle of the ``ranker`` deployment.
+        serving: The read path's options (:class:`ServingOptions` fields).
     """
 
     def __init__(
         self,
         settings_overrides: dict[str, Any] | None = None,
         stream_workers: DeploymentHandle[Any] | None = None,
+        retrieval: DeploymentHandle[Any] | None = None,
+        ranker: DeploymentHandle[Any] | None = None,
+        serving: dict[str, Any] | None = None,
     ) -> None:
-        self._services = ApiServices.from_settings(Settings.from_env(None, **(settings_overrides or {})))
+        settings = Settings.from_env(None, **(settings_overrides or {}))
+        self._services = ApiServices.from_settings(settings)
+        if retrieval is not None and ranker is not None:
+            self._services.recommendations = RecommendationService(
+                self._services.store,
+                HandleGateway(retrieval, ranker),
+                ServingOptions.model_validate(serving or {}),
+                stream_max_len=settings.stream_max_len,
+                metrics=default_serving_metrics(),
+            )
         if stream_workers is not None:
             workers = stream_workers
 

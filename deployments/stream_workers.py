@@ -34,16 +34,26 @@ class StreamWorkers:
     Args:
         settings_overrides: Values that win over the replica's ``RAYREC_*`` environment.
         actor_num_cpus: CPUs reserved by each of the two actors.
+        processor_batch_size: Most events the stream processor folds in one transaction. The
+            processor reads whatever has arrived up to this many, so a large cap costs no latency
+            when it keeps up and lets it catch up in fewer, cheaper round trips when it is behind;
+            the cap bounds how long one transaction holds Redis.
     """
 
     def __init__(
-        self, settings_overrides: dict[str, Any] | None = None, actor_num_cpus: float = 0.25
+        self,
+        settings_overrides: dict[str, Any] | None = None,
+        actor_num_cpus: float = 0.25,
+        processor_batch_size: int = 2000,
     ) -> None:
         settings = Settings.from_env(None, **(settings_overrides or {}))
         namespace = settings.namespace
         # Names carry the namespace so several deployments (or test runs) can share one cluster.
         self._processor = start_stream_processor(
-            settings, name=f"{namespace}-stream-processor", num_cpus=actor_num_cpus
+            settings,
+            name=f"{namespace}-stream-processor",
+            batch_size=processor_batch_size,
+            num_cpus=actor_num_cpus,
         )
         self._writer = start_lake_writer(settings, name=f"{namespace}-lake-writer", num_cpus=actor_num_cpus)
 

@@ -88,5 +88,8 @@ USER_REGION: Final = "user_profile:region"
 USER_LANGUAGE: Final = "user_profile:language"
 """str: the profile's language, used when the request carries none."""
 
+USER_AGE_GROUP: Final = "user_profile:age_group"
+"""str: the profile's age group (``unknown`` when not given); an input of the user tower."""
+
 INTERESTS_PARAM: Final = "interests"
 """Key of ``RequestContext.params``: comma-separated interests that override the profile's."""

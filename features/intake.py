@@ -2,23 +2,55 @@
 
 An event is acknowledged only once it is in the Redis events stream. Negative feedback that must
 hold on the very next request (``hide``, ``not_interested``, ``report``; seed section 18) is also
-added to the user's exclusion set in the same ``MULTI``/``EXEC`` transaction, so the two can
-never disagree: either both are stored, or neither is and the client is told to retry.
+added to the user's exclusion set by the same atomic step, so the two can never disagree: either
+both are stored, or neither is and the client is told to retry.
+
+The step is one Lua script (:data:`INTAKE_SCRIPT`): it checks the stream's capacity and appends
+the whole call, so a batch costs one round trip and one command to pack and parse rather than a
+``MULTI`` with a queued reply per event. Scripts run atomically and their effects reach the AOF
+and replicas like a ``MULTI``/``EXEC`` block, so "acknowledged" still means "in the stream".
+
+What survives a crash of Redis itself is Redis' persistence setting, so run the event store with
+``appendonly yes``. With ``appendfsync always`` Redis syncs the AOF before it answers, so no
+acknowledged event is ever lost; it syncs once per event-loop turn for all clients, and one call
+here is one script however many events it carries, so batches stay cheap. With
+``appendfsync everysec`` Redis syncs once a second, so a crash can lose up to about a second of
+acknowledged events (two when the disk stalls). Without an AOF a restart loses the stream; the
+consumers then start over on an empty one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from redis.exceptions import RedisError
 
 from core.schema import NEGATIVE_FEEDBACK, UserEvent
 from features.redis_store import RedisStore
-from features.stream_codec import encode_event
+from features.stream_codec import ENTRY_FIELD, encode_event
 
 _RETRY_AFTER_FULL_S = 5
 _RETRY_AFTER_DOWN_S = 2
+
+INTAKE_SCRIPT: Final = """
+-- KEYS[1]: the events stream; KEYS[2..]: the exclusion sets of the negative feedback events.
+-- ARGV: capacity, entry field, event count n, n payloads, then one item id per exclusion set.
+local n = tonumber(ARGV[3])
+local length = redis.call('XLEN', KEYS[1])
+if length + n > tonumber(ARGV[1]) then
+  return {0, length}
+end
+for i = 2, #KEYS do
+  redis.call('SADD', KEYS[i], ARGV[n + 2 + i])
+end
+for i = 4, n + 3 do
+  redis.call('XADD', KEYS[1], '*', ARGV[2], ARGV[i])
+end
+return {1, length + n}
+"""
+"""Capacity check, exclusions and appends of one call, atomically (see the module docstring)."""
 
 
 class IntakeUnavailable(RuntimeError):
@@ -55,6 +87,8 @@ class EventIntake:
     def __init__(self, store: RedisStore, max_stream_len: int) -> None:
         self._store = store
         self._max_len = max_stream_len
+        # EVALSHA, loading the script again after NOSCRIPT (a restarted Redis has an empty cache).
+        self._script = store.aclient.register_script(INTAKE_SCRIPT)
 
     async def accept(self, events: Sequence[UserEvent]) -> IntakeResult:
         """Store events in the stream; negative feedback also lands in the exclusion sets.
@@ -72,21 +106,19 @@ class EventIntake:
             return IntakeResult(event_ids=[])
         keys = self._store.keys
         stream = keys.stream_events()
-        client = self._store.aclient
+        payloads = [encode_event(event)[ENTRY_FIELD] for event in events]
+        negative = [e for e in events if e.event_type in NEGATIVE_FEEDBACK]
         try:
-            length = int(await client.xlen(stream))
-            if length + len(events) > self._max_len:
+            stored, length = await self._script(
+                keys=[stream, *(keys.exclusions(e.user_id) for e in negative)],
+                args=[self._max_len, ENTRY_FIELD, len(payloads), *payloads, *(e.item_id for e in negative)],
+            )
+            if not stored:
                 raise IntakeUnavailable(
                     "stream_full",
                     _RETRY_AFTER_FULL_S,
-                    f"the event stream holds {length:,} entries, at its capacity of {self._max_len:,}",
+                    f"the event stream holds {int(length):,} entries, at its capacity of {self._max_len:,}",
                 )
-            async with client.pipeline(transaction=True) as pipe:
-                for event in events:
-                    if event.event_type in NEGATIVE_FEEDBACK:
-                        pipe.sadd(keys.exclusions(event.user_id), event.item_id)
-                    pipe.xadd(stream, encode_event(event))  # type: ignore[arg-type]
-                await pipe.execute()
         except RedisError as exc:
             detail = f"the event store did not answer: {type(exc).__name__}"
             raise IntakeUnavailable("store_unreachable", _RETRY_AFTER_DOWN_S, detail) from exc

@@ -140,6 +140,14 @@ class RedisKeys:
         """
         return f"{self._p}processed:{_entity('event', event_id)}"
 
+    # Serving.
+
+    def last_list(self, surface: str, user_id: str) -> str:
+        """STRING: JSON of the list last served to a user on a surface, the fallback of a failed request."""
+        if not surface or ":" in surface:
+            raise ValueError(f"surface {surface!r} must be non-empty and hold no ':'")
+        return f"{self._p}last-list:{surface}:{_entity('user', user_id)}"
+
     # Features.
 
     def features(self, entity_type: EntityType | str, entity_id: str) -> str:
@@ -175,3 +183,13 @@ class RedisKeys:
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"a trending epoch is a non-negative int, not {epoch!r}")
         return str(epoch)
+
+    # Rate limits (see features.rate_limiter).
+
+    def rate_limit_events(self, client_id: str) -> str:
+        """HASH: one client's event token bucket (``tokens``, ``at_s``), expiring once it is full again.
+
+        ``client_id`` is ``key:<digest>`` or ``addr:<address>``: never an API key itself, since key
+        names show in ``SCAN`` and ``MONITOR`` output.
+        """
+        return f"{self._p}rate-limit-events:{_entity('client', client_id)}"

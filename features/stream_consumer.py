@@ -244,14 +244,14 @@ class StreamConsumer:
         info = next((g for g in groups if g["name"] == self.group), None)
         if info is None:
             return 0.0
-        if int(info["pending"]) > 0:
-            oldest = str(self.client.xpending(self.stream, self.group)["min"])
-        else:
+        oldest = self.client.xpending(self.stream, self.group)["min"] if int(info["pending"]) > 0 else None
+        if oldest is None:
+            # Nothing pending, or another consumer acknowledged the last of it since XINFO.
             after = self.client.xrange(self.stream, min=f"({info['last-delivered-id']}", max="+", count=1)
             if not after:
                 return 0.0
-            oldest = str(after[0][0])
-        return max(0.0, now_s - entry_ms(oldest) / 1000.0)
+            oldest = after[0][0]
+        return max(0.0, now_s - entry_ms(str(oldest)) / 1000.0)
 
 
 def sorted_ids(entry_ids: Sequence[str]) -> list[str]:

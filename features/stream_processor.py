@@ -58,6 +58,8 @@ class ProcessorStats:
         skipped: Events of erased users.
         invalid: Undecodable entries sent to the dead-letter stream.
         retries: Transactions retried after a concurrent write.
+        busy_s: Seconds spent processing batches (decode, apply, acknowledge), in total.
+        last_batch_s: Seconds the latest batch took.
     """
 
     batches: int = 0
@@ -67,6 +69,8 @@ class ProcessorStats:
     skipped: int = 0
     invalid: int = 0
     retries: int = 0
+    busy_s: float = 0.0
+    last_batch_s: float = 0.0
 
 
 class StreamProcessor:
@@ -191,7 +195,10 @@ class StreamProcessor:
         ):
             if n:
                 counter.labels(GROUP, outcome).inc(n)
-        self.metrics.batch_seconds.labels(GROUP).observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        stats.busy_s += elapsed
+        stats.last_batch_s = elapsed
+        self.metrics.batch_seconds.labels(GROUP).observe(elapsed)
         if acked != len(entries):
             # Another consumer claimed and acknowledged some of them meanwhile; effects are still once.
             logger.info(
@@ -281,6 +288,7 @@ def start_stream_processor(
     *,
     name: str = ACTOR_NAME,
     consumer: str = "processor-0",
+    batch_size: int = 500,
     **options: Any,
 ) -> Any:
     """Get the named processor actor, creating it when it does not exist.
@@ -289,11 +297,12 @@ def start_stream_processor(
         settings: Redis URL and namespace.
         name: Actor name.
         consumer: Consumer name in group ``features``.
+        batch_size: Most entries per batch (see :class:`StreamProcessorActor`).
         **options: Further ``.options(...)`` for the actor (``lifetime="detached"``, resources).
 
     Returns:
         The actor handle.
     """
     return StreamProcessorActor.options(name=name, get_if_exists=True, **options).remote(  # type: ignore[attr-defined]
-        settings, consumer
+        settings, consumer, batch_size=batch_size
     )

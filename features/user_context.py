@@ -12,7 +12,13 @@ from typing import Final
 
 from core.schema import NEGATIVE_FEEDBACK, EventType
 from core.types import FeatureMap, RequestContext
-from features.candidate_refs import INTERESTS_PARAM, USER_INTERESTS, USER_LANGUAGE, USER_REGION
+from features.candidate_refs import (
+    INTERESTS_PARAM,
+    USER_AGE_GROUP,
+    USER_INTERESTS,
+    USER_LANGUAGE,
+    USER_REGION,
+)
 
 RECENT_ITEM_IDS: Final = "user_activity:recent_item_ids"
 RECENT_EVENT_TYPES: Final = "user_activity:recent_event_types"
@@ -118,3 +124,32 @@ def request_region(ctx: RequestContext) -> str | None:
 def request_language(ctx: RequestContext) -> str | None:
     """The request's language, else the profile's."""
     return ctx.language or ctx.user_features.get_str(USER_LANGUAGE, "") or None
+
+
+def positive_history(ctx: RequestContext) -> list[str]:
+    """The user's recent positively engaged items, newest first, each once (the models' history).
+
+    Args:
+        ctx: The request.
+
+    Returns:
+        Item ids; empty for a user without history or who opted out.
+    """
+    if not ctx.personalization:
+        return []
+    seen: dict[str, None] = {}
+    for event in recent_events(ctx.user_features):
+        if event.event_type in POSITIVE_EVENTS:
+            seen.setdefault(event.item_id)
+    return list(seen)
+
+
+def model_profile(ctx: RequestContext) -> dict[str, str | None]:
+    """The profile fields the models read (``age_group``, ``region``, ``language``); None when unknown."""
+    if not ctx.personalization:
+        return {"age_group": None, "region": None, "language": None}
+    return {
+        "age_group": ctx.user_features.get_str(USER_AGE_GROUP, "") or None,
+        "region": request_region(ctx),
+        "language": request_language(ctx),
+    }

@@ -33,6 +33,7 @@ from policies.mmr_diversity_policy import MmrDiversityPolicy
 from policies.purchased_filter import PurchasedFilter
 from policies.reason_policy import ReasonPolicy
 from policies.removed_item_filter import RemovedItemFilter
+from policies.seed_item_filter import SeedItemFilter
 from policies.seen_in_session_filter import SeenInSessionFilter
 from policies.sponsored_slot_policy import SponsoredSlotPolicy
 from policies.thompson_sampler import ThompsonSampler
@@ -230,6 +231,7 @@ def _creator_cap(config: SurfaceConfig) -> tuple[int, int]:
 def default_filters() -> dict[str, Filter]:
     """The built-in filters by name."""
     filters: list[Filter] = [
+        SeedItemFilter(),
         RemovedItemFilter(),
         GlobalBlockFilter(),
         UserBlockFilter(),

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.settings import Settings
 from features.catalog_changes import CatalogChanges
 from features.intake import EventIntake
 from features.redis_store import RedisStore
+
+if TYPE_CHECKING:
+    from deployments.recommender.service import RecommendationService
 
 
 @dataclass
@@ -22,6 +25,7 @@ class ApiServices:
         intake: The event hand-off to the stream.
         changes: Catalog, moderation and privacy writes.
         stream_stats: Reports of the stream consumers, where they run beside this app.
+        recommendations: The read path, where this process serves it (the Serve ingress).
     """
 
     settings: Settings
@@ -29,6 +33,7 @@ class ApiServices:
     intake: EventIntake
     changes: CatalogChanges
     stream_stats: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    recommendations: RecommendationService | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ApiServices:

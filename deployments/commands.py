@@ -1,0 +1,157 @@
+"""``rayrec serve``: deploy the Serve application and print a request that works.
+
+Registered into the ``rayrec`` parser by :mod:`cluster.cli`. The application is deployed from
+``ray_config.yaml`` through the Serve controller (as ``serve deploy`` does), so a later
+``deployments.reload.apply_bundle`` swaps models in place. Ray is joined when the process belongs
+to a cluster (``RAY_ADDRESS``, ``ray job submit``) and started locally otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from core.settings import Settings
+
+DEFAULT_APP = "rayrec"
+"""The application name of ``ray_config.yaml``."""
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, object] = {}
+    if getattr(args, "home", None):
+        overrides["home"] = args.home
+    if getattr(args, "namespace", None):
+        overrides["namespace"] = args.namespace
+    return Settings.from_env(None, **overrides)
+
+
+def connect_ray(num_cpus: int | None) -> None:
+    """Join the Ray cluster of this process (``RAY_ADDRESS``), or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def example_user(settings: Settings) -> str:
+    """A user of the online store who has features, for the printed example (``u123`` when none)."""
+    from features.redis_store import RedisStore
+
+    store = RedisStore.from_settings(settings)
+    try:
+        users = sorted(str(u) for u in store.client.srandmember(store.keys.users_all(), 50) or [])
+        records = store.mget_json([store.keys.features("user", u) for u in users])
+        with_history = [u for u, r in zip(users, records, strict=True) if r]
+        return (with_history or users or ["u123"])[0]
+    finally:
+        store.close()
+
+
+def serve_app(
+    settings: Settings,
+    *,
+    app_name: str = DEFAULT_APP,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    config_path: Path | None = None,
+    num_cpus: int | None = None,
+) -> str:
+    """Deploy the application on Ray and check that the seed's example request answers.
+
+    Args:
+        settings: Data home, namespace and Redis of the deployment.
+        app_name: The application's name.
+        host: HTTP host of the Serve proxies.
+        port: HTTP port.
+        config_path: Serve config to start from (``ray_config.yaml`` by default).
+        num_cpus: CPUs of a locally started Ray.
+
+    Returns:
+        The example request as a ``curl`` command.
+    """
+    import httpx
+
+    from deployments.reload import DEFAULT_CONFIG_PATH, deploy, serve_config
+
+    connect_ray(num_cpus)
+    args: dict[str, Any] = {
+        "home": settings.home,
+        "namespace": settings.namespace,
+        "redis_url": settings.redis_url,
+    }
+    config = serve_config(app_name, args, host=host, port=port, base=config_path or DEFAULT_CONFIG_PATH)
+    started = time.perf_counter()
+    deploy(config)
+    user = example_user(settings)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    url = f"http://{shown}:{port}/api/recommendations?userId={user}&surface=home&limit=20"
+    response = httpx.get(url, timeout=30)
+    response.raise_for_status()
+    body = response.json()
+    elapsed_s = time.perf_counter() - started
+    print(f"application '{app_name}' running after {elapsed_s:.0f} s; model {body['modelVersion']}")
+    for item in body["items"][:5]:
+        print(f"  {item['position']:>2}  {item['itemId']:<12} {item['score']:8.4f}  {item['reason']}")
+    return f"curl '{url}'"
+
+
+def block_until_interrupted(app_name: str) -> None:
+    """Keep the application up until Ctrl-C, then shut Serve down."""
+    from ray import serve
+
+    print("serving; Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping")
+        serve.delete(app_name)
+        serve.shutdown()  # type: ignore[no-untyped-call]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Deploy the Serve application (models from the registry's ``production`` alias)."""
+    settings = _settings(args)
+    curl = serve_app(
+        settings,
+        app_name=args.app,
+        host=args.host,
+        port=args.port,
+        config_path=args.config,
+        num_cpus=args.num_cpus,
+    )
+    print(f"try: {curl}")
+    if not args.no_block:
+        block_until_interrupted(args.app)
+    return 0
+
+
+def add_serve_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``rayrec serve`` and ``rayrec demo``."""
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP host of the Serve proxies")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port of the Serve proxies")
+    parser.add_argument("--no-block", action="store_true", help="return once the example request answered")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of a locally started Ray (ignored on a cluster)")
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add ``serve`` to the ``rayrec`` parser.
+
+    Args:
+        sub: The ``add_subparsers`` object of the ``rayrec`` parser.
+        common: Parent parser with the shared options (``--home``, ...).
+    """
+    serve = sub.add_parser("serve", parents=[common], help="deploy the Serve application and print a request")
+    add_serve_options(serve)
+    serve.add_argument("--app", default=DEFAULT_APP, help="application name")
+    serve.add_argument("--config", type=Path, help="Serve config to start from (default: ray_config.yaml)")
+    serve.set_defaults(func=cmd_serve)

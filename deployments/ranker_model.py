@@ -1,0 +1,126 @@
+"""The ranker deployment's serving state and its batched scoring.
+
+:func:`score_batch` scores the candidates of several requests in one forward pass: the user tower
+embeds every request's user at once, the feature builder of the release (the same code training
+used) builds the inputs of every (user, candidate) pair, the multi-task model predicts every head,
+and each request's surface weights combine the heads into its scores.
+
+Candidates the release's catalog does not hold (created after training) cannot be featurised;
+they get the median score of their request's known candidates, a neutral place from which the
+freshness and exploration policies can still lift them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from deployments.wire import RankReply, RankRequest
+from training.ranker import RankerServing
+from training.release import Release
+from training.two_tower import TwoTowerServing
+
+
+@dataclass(frozen=True, eq=False)
+class RankerModel:
+    """One release's ranking state.
+
+    Attributes:
+        version: Bundle version.
+        two_tower: The user tower (user embeddings are a ranker input).
+        ranker: The multi-task ranker with its feature builder.
+        row_of: Catalog row of each item id the release knows.
+    """
+
+    version: str
+    two_tower: TwoTowerServing
+    ranker: RankerServing
+    row_of: dict[str, int]
+
+    @classmethod
+    def build(cls, release: Release) -> RankerModel | None:
+        """The ranking state of a release, or None for a retrieval-only release."""
+        if release.ranker is None:
+            return None
+        ids = release.items.item_ids.tolist()
+        return cls(release.version, release.two_tower, release.ranker, {str(i): n for n, i in enumerate(ids)})
+
+
+def score_batch(model: RankerModel, requests: Sequence[RankRequest]) -> list[RankReply]:
+    """Score several requests' candidates in one pass (see the module docstring).
+
+    Args:
+        model: The ranking state.
+        requests: The requests, each with its candidates and head weights.
+
+    Returns:
+        One reply per request, in order.
+    """
+    started = time.perf_counter()
+    builder = model.ranker.builder
+    vocab = builder.vocabularies
+    users = model.two_tower.user_embeddings(
+        [r.user_id for r in requests], [list(r.history) for r in requests], [r.profile for r in requests]
+    )
+    histories = model.two_tower.encode_history([list(r.history) for r in requests])
+    rows_per_request = [
+        np.array([model.row_of.get(i, -1) for i in r.item_ids], dtype=np.int64) for r in requests
+    ]
+    known_per_request = [rows >= 0 for rows in rows_per_request]
+    owner = np.concatenate(
+        [np.full(int(k.sum()), n, dtype=np.int64) for n, k in enumerate(known_per_request)]
+    )
+    rows = np.concatenate([rows[k] for rows, k in zip(rows_per_request, known_per_request, strict=True)])
+    predictions: dict[str, NDArray[np.float32]] = {}
+    if len(rows):
+        inputs = builder.build(
+            users[owner],
+            histories[owner],
+            rows,
+            np.array([vocab.surface.index(requests[n].surface) for n in owner], dtype=np.int64),
+            np.array([vocab.device.index(requests[n].device) for n in owner], dtype=np.int64),
+            np.array([requests[n].hour + 1 for n in owner], dtype=np.int64),
+        )
+        predictions = model.ranker.predict(inputs)
+    elapsed_ms = (time.perf_counter() - started) * 1000.0
+    replies: list[RankReply] = []
+    offset = 0
+    for request, request_rows, known in zip(requests, rows_per_request, known_per_request, strict=True):
+        n_known = int(known.sum())
+        click, like, purchase, watch = request.head_weights
+        part = slice(offset, offset + n_known)
+        offset += n_known
+        scores = np.zeros(len(request_rows), dtype=np.float32)
+        if n_known:
+            combined = (
+                click * predictions["click"][part]
+                + like * predictions["like"][part]
+                + purchase * predictions["purchase"][part]
+                + watch * predictions["watch_time"][part]
+            )
+            scores[known] = combined
+            scores[~known] = float(np.median(combined))
+        embeddings: dict[str, tuple[float, ...]] = {}
+        if request.embed_top_n > 0 and n_known:
+            known_positions = np.flatnonzero(known)
+            best = known_positions[np.argsort(-scores[known_positions], kind="stable")[: request.embed_top_n]]
+            vectors = builder.item_embeddings[request_rows[best]]
+            embeddings = {
+                request.item_ids[p]: tuple(float(x) for x in vector)
+                for p, vector in zip(best, vectors, strict=True)
+            }
+        replies.append(
+            RankReply(
+                model_version=model.version,
+                scores=[float(s) for s in scores],
+                unknown=len(request_rows) - n_known,
+                embeddings=embeddings,
+                elapsed_ms=elapsed_ms,
+                batch_size=len(requests),
+            )
+        )
+    return replies

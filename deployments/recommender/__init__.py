@@ -1,0 +1,1 @@
+"""The read path inside the ingress: the pipeline runner, its stage adapters and the fallbacks."""

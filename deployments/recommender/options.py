@@ -1,0 +1,47 @@
+"""Options of the read path, given in the ``serving`` block of the application's args."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from policies.circuit_breaker import CircuitBreakerConfig
+from retrieval.sources.sponsored_source import SponsoredConfig
+
+
+class ServingOptions(BaseModel):
+    """How the ingress serves recommendations (``args.serving`` in ``ray_config.yaml``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    surfaces_path: str | None = None
+    """YAML file of surfaces (``policies/surfaces.yaml`` format) served instead of the shipped ones;
+    relative paths are taken from the working directory of the replicas (the repository root)."""
+
+    sponsored: SponsoredConfig = SponsoredConfig()
+    """Sponsored campaigns the ``sponsored`` source serves."""
+
+    user_read_ms: Annotated[float, Field(gt=0, le=1000)] = 15.0
+    """Budget of the one read of the user's profile and features; late means served without them."""
+
+    fallback_read_ms: Annotated[float, Field(gt=0, le=1000)] = 10.0
+    """Budget of the read of the user's last list from Redis when the pipeline failed."""
+
+    popular_refresh_s: Annotated[float, Field(gt=0)] = 30.0
+    """How often the in-memory popular list is rebuilt."""
+
+    popular_size: Annotated[int, Field(ge=10, le=10_000)] = 300
+    """Items in the popular list."""
+
+    catalog_refresh_s: Annotated[float, Field(gt=0)] = 60.0
+    """How often the content index is rebuilt from the catalog."""
+
+    last_list_entries: Annotated[int, Field(ge=1)] = 20_000
+    """Users whose last list the replica keeps in memory, per surface together."""
+
+    hop_allowance_ms: Annotated[float, Field(ge=0, le=50)] = 3.0
+    """Taken off each remote source's budget on the far side, for the way back."""
+
+    breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+    """The circuit breaker in front of the ranker."""

@@ -1,0 +1,170 @@
+"""The ``retrieval`` deployment: the heavy retrieval state behind one ``DeploymentHandle`` call per request.
+
+Holds the serving release (two-tower user tower, ANN or exact index plus the delta of new items,
+item-item table) and answers every model-backed source of a request in one call (see
+:mod:`deployments.retrieval_model`). Items added to the catalog after training are embedded with
+the release's item tower and added to the delta index: from the catalog change stream as they
+arrive, and from the active-item set when a bundle is loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, cast
+
+from ray import serve
+
+from core.settings import Settings
+from deployments.bundle_slot import BundleSlot, ModelUserConfig
+from deployments.retrieval_model import RetrievalModel, item_records, retrieve
+from deployments.wire import RetrievalReply, RetrievalRequest
+from features.catalog_changes import decode_change
+from features.redis_store import RedisStore
+from features.stream_codec import EntryDecodeError
+
+logger = logging.getLogger(__name__)
+
+_CATALOG_RETRY_S = 2.0
+_ITEMS_TABLE = "items"
+
+
+@serve.deployment(
+    name="retrieval",
+    max_ongoing_requests=64,
+    ray_actor_options={"num_cpus": 0.3},
+    user_config={"bundle": "production"},
+    health_check_period_s=10,
+)
+class Retrieval:
+    """Model-backed candidate sources for the read path.
+
+    Args:
+        settings_overrides: Values that win over the replica's ``RAYREC_*`` environment.
+    """
+
+    def __init__(self, settings_overrides: dict[str, Any] | None = None) -> None:
+        import torch
+
+        # A fractional-CPU replica: more intra-op threads than cores only adds contention.
+        torch.set_num_threads(1)
+        settings = Settings.from_env(None, **(settings_overrides or {}))
+        self._store = RedisStore.from_settings(settings)
+        self._redis_timeout_s = settings.redis_timeout_s
+        self._slot: BundleSlot[RetrievalModel] = BundleSlot(
+            settings.home, lambda release: RetrievalModel.build(release, self._store), name="retrieval"
+        )
+        self._config = ModelUserConfig()
+        self._started = False
+        self._catalog_task: asyncio.Task[None] | None = None
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply a new ``user_config`` (:class:`ModelUserConfig`): bundle and failure drills.
+
+        An invalid config raises (Serve then rejects the update); a bundle that fails to load
+        never does (see :mod:`deployments.bundle_slot`).
+        """
+        config = ModelUserConfig.model_validate(user_config)
+        self._config = config
+        first = not self._started
+        self._started = True
+        await self._slot.apply(config.bundle, wait=first)
+        if self._catalog_task is None:
+            self._catalog_task = asyncio.ensure_future(self._follow_catalog())
+
+    async def retrieve(self, request: RetrievalRequest) -> RetrievalReply:
+        """Run the model-backed sources of one request.
+
+        Args:
+            request: The request's fields and the sources its surface runs.
+
+        Returns:
+            Candidates per source, with failures per source.
+        """
+        await self._drill()
+        _, model = self._slot.served()
+        return await retrieve(model, request)
+
+    async def popular(self, k: int) -> list[tuple[str, float]]:
+        """The serving release's most popular items (empty without a model)."""
+        model = self._slot.state
+        return [] if model is None else model.popular[:k]
+
+    async def model_status(self) -> dict[str, object]:
+        """What this replica serves (see :class:`deployments.bundle_slot.SlotStatus`)."""
+        status = self._slot.status().as_dict()
+        model = self._slot.state
+        status["deltaItems"] = 0 if model is None else model.index.delta_size
+        status["fault"] = self._config.fault
+        return status
+
+    async def ping(self) -> float:
+        """Nothing: the cost of a hop, measured by the caller."""
+        return 0.0
+
+    async def _drill(self) -> None:
+        fault = self._config.fault
+        if fault == "raise":
+            raise RuntimeError("retrieval failure drill (user_config fault: raise)")
+        if fault == "slow":
+            await asyncio.sleep(self._config.fault_delay_ms / 1000.0)
+
+    async def _follow_catalog(self) -> None:
+        """Add items to the delta index as the catalog stream announces them."""
+        stream = self._store.keys.stream_catalog(_ITEMS_TABLE)
+        # Blocking reads end well before the socket timeout, or every idle read would "fail".
+        block_ms = max(100, int(self._redis_timeout_s * 500))
+        last_id: str | None = None
+        caught_up_for: RetrievalModel | None = None
+        while True:
+            try:
+                if last_id is None:
+                    # An explicit position rather than "$": entries added while a read failed
+                    # are picked up by the next one instead of being skipped.
+                    newest = cast(list[tuple[str, Any]], await self._store.aclient.xrevrange(stream, count=1))
+                    last_id = newest[0][0] if newest else "0-0"
+                model = self._slot.state
+                if model is not None and model is not caught_up_for:
+                    await self._catch_up(model)
+                    caught_up_for = model
+                reply = cast(
+                    list[tuple[str, list[tuple[str, dict[str, str]]]]],
+                    await self._store.aclient.xread({stream: last_id}, count=500, block=block_ms),
+                )
+                records: list[dict[str, Any]] = []
+                for _, entries in reply or []:
+                    for entry_id, fields in entries:
+                        last_id = entry_id
+                        with contextlib.suppress(EntryDecodeError):
+                            records.append(decode_change(fields))
+                model = self._slot.state
+                if model is not None and records:
+                    added = await asyncio.to_thread(model.add_new_items, item_records(records))
+                    if added:
+                        logger.info("retrieval: %d new items added to the delta index", added)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis down: retry; serving does not depend on this loop
+                logger.warning("retrieval: catalog stream not followed: %s", exc)
+                await asyncio.sleep(_CATALOG_RETRY_S)
+
+    async def _catch_up(self, model: RetrievalModel) -> None:
+        keys = self._store.keys
+        active = cast(set[str], await self._store.aclient.smembers(keys.items_active()))  # type: ignore[misc]
+        missing = [i for i in active if model.index.position_of(i) is None]
+        if not missing:
+            return
+        records = await self._store.amget_json([keys.item(i) for i in missing])
+        added = await asyncio.to_thread(model.add_new_items, item_records(records))
+        logger.info(
+            "retrieval: %d catalog items newer than bundle %s added to the delta index", added, model.version
+        )
+
+    def __del__(self) -> None:
+        task = getattr(self, "_catalog_task", None)
+        if task is not None:
+            task.cancel()
+        store = getattr(self, "_store", None)
+        if store is not None:
+            store.close()

@@ -1,0 +1,163 @@
+"""What travels over the ``DeploymentHandle`` hops of the read path: plain, picklable values.
+
+``RequestContext`` holds a read-only params proxy and a monotonic deadline that means nothing in
+another process, so the hops carry the fields the model deployments need instead, and the far side
+rebuilds a context with its own deadline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Final
+
+from core.types import Candidate, FeatureMap, FeatureValue, RequestContext, monotonic_deadline
+
+NO_MODEL: Final = "none"
+"""``model_version`` of a reply made without a model bundle."""
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSpec:
+    """One model-backed source a surface runs, with its limits.
+
+    Attributes:
+        name: Stage id (``two_tower_ann``, ``item_to_item``, ``recently_viewed_related``,
+            ``similar_items``).
+        max_candidates: Candidates it returns at most.
+        budget_ms: Time it may take.
+    """
+
+    name: str
+    max_candidates: int
+    budget_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class RetrievalRequest:
+    """One request's call to the retrieval deployment: every model-backed source of its surface.
+
+    Attributes:
+        request_id: The request.
+        user_id: The user.
+        surface: The surface.
+        limit: Items the request returns.
+        now: The request's instant.
+        item_id: Seed item (``similar``).
+        region: Region of the request.
+        language: Language of the request.
+        personalization: False for a user who opted out.
+        user_features: The user's features as read by the ingress.
+        sources: The sources to run.
+    """
+
+    request_id: str
+    user_id: str
+    surface: str
+    limit: int
+    now: datetime
+    item_id: str | None
+    region: str | None
+    language: str | None
+    personalization: bool
+    user_features: dict[str, FeatureValue]
+    sources: tuple[SourceSpec, ...]
+
+    @classmethod
+    def of(cls, ctx: RequestContext, sources: tuple[SourceSpec, ...]) -> RetrievalRequest:
+        """The request for ``ctx`` and the given sources."""
+        return cls(
+            request_id=ctx.request_id,
+            user_id=ctx.user_id,
+            surface=ctx.surface,
+            limit=ctx.limit,
+            now=ctx.now,
+            item_id=ctx.item_id,
+            region=ctx.region,
+            language=ctx.language,
+            personalization=ctx.personalization,
+            user_features=dict(ctx.user_features),
+            sources=sources,
+        )
+
+    def context(self) -> RequestContext:
+        """A context for the sources on the far side, due within the slowest source's budget."""
+        budget = max((s.budget_ms for s in self.sources), default=1.0)
+        return RequestContext(
+            request_id=self.request_id,
+            user_id=self.user_id,
+            surface=self.surface,
+            limit=self.limit,
+            now=self.now,
+            deadline=monotonic_deadline(budget),
+            item_id=self.item_id,
+            region=self.region,
+            language=self.language,
+            personalization=self.personalization,
+            user_features=FeatureMap(self.user_features),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RetrievalReply:
+    """What the retrieval deployment found.
+
+    Attributes:
+        model_version: Bundle version that answered (:data:`NO_MODEL` without one).
+        candidates: Candidates per source that ran.
+        errors: Sources that failed or were late, with the reason.
+        elapsed_ms: Time spent in the deployment.
+    """
+
+    model_version: str
+    candidates: dict[str, list[Candidate]]
+    errors: dict[str, str] = field(default_factory=dict)
+    elapsed_ms: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RankRequest:
+    """One request's candidates for the ranker.
+
+    Attributes:
+        user_id: The user (hashed into the user tower's id buckets).
+        history: Recent positive item ids, most recent first.
+        profile: ``age_group``, ``region``, ``language``.
+        surface: The surface (its embedding and its head weights).
+        device: Device class, when known.
+        hour: UTC hour of the request.
+        item_ids: Candidates, in the order scores are wanted.
+        head_weights: Weights of the click, like, purchase and watch-time heads.
+        embed_top_n: How many of the best-scored candidates get their item embedding back.
+    """
+
+    user_id: str
+    history: tuple[str, ...]
+    profile: dict[str, str | None]
+    surface: str
+    device: str | None
+    hour: int
+    item_ids: tuple[str, ...]
+    head_weights: tuple[float, float, float, float]
+    embed_top_n: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RankReply:
+    """The ranker's answer.
+
+    Attributes:
+        model_version: Bundle version that scored (:data:`NO_MODEL` without a ranker).
+        scores: One score per requested item, or None without a ranker.
+        unknown: Items the release's catalog does not hold (scored neutrally).
+        embeddings: Item embeddings of the ``embed_top_n`` best-scored known items.
+        elapsed_ms: Time spent in the deployment, batching wait included.
+        batch_size: Requests scored together with this one.
+    """
+
+    model_version: str
+    scores: list[float] | None
+    unknown: int = 0
+    embeddings: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    elapsed_ms: float = 0.0
+    batch_size: int = 1
