@@ -49,6 +49,7 @@ import aiohttp
 import numpy as np
 from redis.exceptions import RedisError
 
+from benchmarks import http_ready
 from core.schema import EntityType
 from core.settings import Settings
 from features.metrics import read_stream_status, watched_streams
@@ -201,15 +202,7 @@ def serve_app(
 
 
 async def wait_ready(base: str, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
-        while time.monotonic() < deadline:
-            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                async with http.get(f"{base}/readyz") as response:
-                    if response.status == 200:
-                        return
-            await asyncio.sleep(0.5)
-    raise TimeoutError(f"{base}/readyz did not answer 200 within {timeout_s:.0f} s")
+    await http_ready.wait_ready(base, timeout_s)
 
 
 # -- measurements ----------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from benchmarks import http_ready
 from core.settings import Settings
 from features.redis_store import RedisStore
 
@@ -104,15 +105,7 @@ def serve_app(settings: Settings, port: int) -> Iterator[str]:
 
 
 async def wait_ready(base: str, timeout_s: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
-        while time.monotonic() < deadline:
-            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                async with http.get(f"{base}/readyz") as response:
-                    if response.status == 200:
-                        return
-            await asyncio.sleep(0.5)
-    raise TimeoutError(f"{base}/readyz did not answer 200 within {timeout_s:.0f} s")
+    await http_ready.wait_ready(base, timeout_s)
 
 
 async def upload_catalog(base: str, n_items: int) -> None:
