@@ -15,7 +15,7 @@ from ray import serve
 
 from core.settings import Settings
 from features.lake_writer import start_lake_writer
-from features.stream_processor import start_stream_processor
+from features.stream_processor import STATE_CACHE_SIZE, start_stream_processor
 
 _HEALTH_TIMEOUT_S = 20.0
 
@@ -38,6 +38,8 @@ class StreamWorkers:
             processor reads whatever has arrived up to this many, so a large cap costs no latency
             when it keeps up and lets it catch up in fewer, cheaper round trips when it is behind;
             the cap bounds how long one transaction holds Redis.
+        processor_state_cache_size: Entity states the stream processor keeps in memory after
+            writing them, so hot items and creators are not read and decoded again every batch.
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class StreamWorkers:
         settings_overrides: dict[str, Any] | None = None,
         actor_num_cpus: float = 0.25,
         processor_batch_size: int = 2000,
+        processor_state_cache_size: int = STATE_CACHE_SIZE,
     ) -> None:
         settings = Settings.from_env(None, **(settings_overrides or {}))
         namespace = settings.namespace
@@ -53,6 +56,7 @@ class StreamWorkers:
             settings,
             name=f"{namespace}-stream-processor",
             batch_size=processor_batch_size,
+            state_cache_size=processor_state_cache_size,
             num_cpus=actor_num_cpus,
         )
         self._writer = start_lake_writer(settings, name=f"{namespace}-lake-writer", num_cpus=actor_num_cpus)

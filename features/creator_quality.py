@@ -37,6 +37,9 @@ POSITIVE: Final[frozenset[EventType]] = frozenset(
 )
 HIDDEN: Final[frozenset[EventType]] = frozenset({EventType.HIDE, EventType.NOT_INTERESTED})
 
+_POSITIVE_KINDS: Final = tuple(t.value for t in POSITIVE)
+_HIDDEN_KINDS: Final = tuple(t.value for t in HIDDEN)
+
 
 def empty() -> State:
     """A new creator's state."""
@@ -62,10 +65,14 @@ def update(state: State, events: Sequence[EventRecord], items: ItemLookup, param
     """
     new = copy.deepcopy(state) if state else empty()
     counts: dict[str, int] = new["counts"]
+    last_ts = new["last_ts"]
     for event in sorted(events, key=lambda e: e.sort_key):
-        kind = event.event_type.value
+        kind = event.kind
         counts[kind] = counts.get(kind, 0) + 1
-        new["last_ts"] = event.ts_s if new["last_ts"] is None else max(new["last_ts"], event.ts_s)
+        t = event.ts_s
+        if last_ts is None or t > last_ts:
+            last_ts = t
+    new["last_ts"] = last_ts
     return new
 
 
@@ -83,8 +90,8 @@ def serve(state: State, now: datetime, params: FeatureParams) -> dict[str, Featu
     state = state or empty()
     counts: dict[str, int] = state["counts"]
     total = sum(counts.values())
-    positive = sum(counts.get(t.value, 0) for t in POSITIVE)
-    hidden = sum(counts.get(t.value, 0) for t in HIDDEN)
+    positive = sum([counts.get(kind, 0) for kind in _POSITIVE_KINDS])
+    hidden = sum([counts.get(kind, 0) for kind in _HIDDEN_KINDS])
     reports = counts.get(EventType.REPORT.value, 0)
     denominator = total + params.quality_prior_strength
     positive_rate = (positive + params.quality_prior_mean * params.quality_prior_strength) / denominator

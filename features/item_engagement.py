@@ -53,6 +53,10 @@ WINDOWS: Final[dict[str, float]] = {"1h": HOUR_S, "24h": DAY_S, "7d": 7 * DAY_S}
 
 _TREND_KEY: Final = "all"
 
+_WINDOW_FEATURES: Final = {
+    suffix: tuple((t.value, f"{t.value}_count_{suffix}") for t in EventType) for suffix in WINDOWS
+}
+
 
 def empty() -> State:
     """A new item's state."""
@@ -76,16 +80,22 @@ def _prune(buckets: dict[str, dict[str, int]], oldest: int) -> None:
 
 def _fold_one(state: State, event: EventRecord, params: FeatureParams) -> None:
     t = event.ts_s
-    kind = event.event_type.value
-    if state["latest"] is None or t > state["latest"]:
-        state["latest"] = t
-        _prune(state["h"], math.floor(t / HOUR_WIDTH_S) - HOURS_KEPT)
-        _prune(state["m"], math.floor(t / MINUTE_WIDTH_S) - MINUTES_KEPT)
+    kind = event.kind
     hour = math.floor(t / HOUR_WIDTH_S)
-    if hour >= math.floor(state["latest"] / HOUR_WIDTH_S) - HOURS_KEPT:
-        _bucket(state["h"], hour, kind)
     minute = math.floor(t / MINUTE_WIDTH_S)
-    if minute >= math.floor(state["latest"] / MINUTE_WIDTH_S) - MINUTES_KEPT:
+    latest = state["latest"]
+    if latest is None or t > latest:
+        # Every bucket kept is at or after the cut-offs of the current ``latest`` (each move of
+        # ``latest`` prunes to its cut-offs, and nothing older is added), so a newer event whose
+        # bucket index is unchanged leaves nothing to prune: skip the scan of every bucket.
+        if latest is None or hour > math.floor(latest / HOUR_WIDTH_S):
+            _prune(state["h"], hour - HOURS_KEPT)
+        if latest is None or minute > math.floor(latest / MINUTE_WIDTH_S):
+            _prune(state["m"], minute - MINUTES_KEPT)
+        state["latest"] = latest = t
+    if hour >= math.floor(latest / HOUR_WIDTH_S) - HOURS_KEPT:
+        _bucket(state["h"], hour, kind)
+    if minute >= math.floor(latest / MINUTE_WIDTH_S) - MINUTES_KEPT:
         _bucket(state["m"], minute, kind)
     totals: dict[str, int] = state["totals"]
     totals[kind] = totals.get(kind, 0) + 1
@@ -166,13 +176,11 @@ def serve(state: State, now: datetime, params: FeatureParams) -> dict[str, Featu
     state = state or empty()
     now_s = now.timestamp()
     values: dict[str, FeatureValue] = {}
-    by_window: dict[str, dict[str, int]] = {}
-    for suffix, length in WINDOWS.items():
-        buckets, width = (state["m"], MINUTE_WIDTH_S) if length <= HOUR_S else (state["h"], HOUR_WIDTH_S)
-        by_window[suffix] = counts = window_counts(buckets, width, length, now_s)
-        for event_type in EventType:
-            values[f"{event_type.value}_count_{suffix}"] = counts.get(event_type.value, 0)
-    week = by_window["7d"]
+    hour_1h = window_counts(state["m"], MINUTE_WIDTH_S, WINDOWS["1h"], now_s)
+    day, week = _day_and_week_counts(state["h"], now_s)
+    for suffix, counts in (("1h", hour_1h), ("24h", day), ("7d", week)):
+        for kind, name in _WINDOW_FEATURES[suffix]:
+            values[name] = counts.get(kind, 0)
     views = week.get(EventType.VIEW.value, 0)
     values["ctr_7d"] = smoothed_rate(
         week.get(EventType.CLICK.value, 0), views, params.ctr_prior_mean, params.ctr_prior_strength
@@ -187,3 +195,22 @@ def serve(state: State, now: datetime, params: FeatureParams) -> dict[str, Featu
     values["event_count_total"] = sum(state["totals"].values())
     values["last_event_ts"] = 0.0 if state["latest"] is None else float(state["latest"])
     return values
+
+
+def _day_and_week_counts(
+    hours: dict[str, dict[str, int]], now_s: float
+) -> tuple[dict[str, int], dict[str, int]]:
+    """:func:`window_counts` of the hourly buckets for 24 h and for 7 d, in one pass over them."""
+    day: dict[str, int] = {}
+    week: dict[str, int] = {}
+    day_start = now_s - WINDOWS["24h"]
+    week_start = now_s - WINDOWS["7d"]
+    for key, counts in hours.items():
+        end = (int(key) + 1) * HOUR_WIDTH_S
+        if end > week_start:
+            for kind, n in counts.items():
+                week[kind] = week.get(kind, 0) + n
+            if end > day_start:
+                for kind, n in counts.items():
+                    day[kind] = day.get(kind, 0) + n
+    return day, week

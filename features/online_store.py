@@ -26,6 +26,12 @@ the script leaves nothing, a crash after it leaves markers that make the redeliv
 no-ops. A concurrent writer that got in first changes a token or adds a marker, the check fails,
 and the batch is re-read and re-folded, so two consumers never lose each other's updates.
 
+A store made with ``state_cache_size`` (the stream processor's) keeps the states it wrote, with
+the token it wrote them with, and folds the next batch onto those instead of reading and decoding
+them again; the script checks their tokens the same way, so a state another writer changed in
+between is a conflict and is read again. Hot items and creators recur in nearly every batch, and
+reading and decoding their states was a good part of a batch's work.
+
 Why a script rather than ``WATCH``/``MULTI``/``EXEC``: a batch touches thousands of keys, and
 Redis checks each key of a ``WATCH`` against every key the connection already watches, so the
 cost grows with the square of the keys (1,000 keys took 10 ms, the 5,000 of a 2,000-event batch
@@ -44,12 +50,16 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final
+from itertools import islice
+from typing import Any, Final, TypeAlias
+
+import orjson
 
 from core.schema import NEGATIVE_FEEDBACK, EntityType, utcnow
 from core.types import FeatureMap, FeatureValue
 from features import trending
 from features.definitions import UPDATED_AT, VIEWS, serving_features
+from features.keys import RedisKeys
 from features.params import DAY_S, DEFAULT_PARAMS, FeatureParams
 from features.records import EventRecord, ItemInfo
 from features.redis_store import RedisStore
@@ -75,13 +85,19 @@ VERSION_FIELD: Final = "_v"
 
 APPLY_SCRIPT: Final = """
 -- Checks, then writes; nothing is written unless every check passes.
--- ARGV[1..3]: m markers, s states, u users (KEYS: the m markers, the s state hashes, then the
--- erased-user set when u > 0). ARGV then holds the s expected version tokens, the u user ids,
--- their u expected erased flags ('0' or '1') and the new token.
--- Writes: six counts (HSET, EXPIRE, SET EX, ZINCRBY, EXPIREAT, SADD); KEYS continues with their
--- keys in that order and ARGV with the rest of their arguments in the same order.
+-- ARGV[1..7]: m markers, s states, u users, z trending sets, x exclusion sets, the new version
+-- token, the markers' TTL. KEYS: the m markers, the s state hashes, the erased-user set when
+-- u > 0, the s serving records (one per state, same entity), the z trending sets, the x
+-- exclusion sets. ARGV then holds the s expected version tokens, the u user ids and their u
+-- expected erased flags ('0' or '1'); per state its TTL, field count f, f field/value pairs and
+-- the serving record; per trending set its EXPIREAT instant, member count n and n
+-- increment/member pairs; per exclusion set its member count n and n members.
+-- Each key is sent once and each state written with one HSET: the script's cost is mostly
+-- per argument and per command.
 local m, s, u = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local a = 4
+local z, x = tonumber(ARGV[4]), tonumber(ARGV[5])
+local token, marker_ttl = ARGV[6], ARGV[7]
+local a = 8
 local done = {}
 for i = 1, m do
   if redis.call('EXISTS', KEYS[i]) == 1 then done[#done + 1] = i end
@@ -101,31 +117,35 @@ if u > 0 then
   a = a + 2 * u
   k = k + 1
 end
-local token = ARGV[a]
-a = a + 1
-local c = {}
-for i = 1, 6 do c[i] = tonumber(ARGV[a + i - 1]) end
-a = a + 6
 for i = 1, s do
-  redis.call('HSET', KEYS[m + i], '_v', token)
+  local key, ttl, f = KEYS[m + i], ARGV[a], tonumber(ARGV[a + 1])
+  a = a + 2
+  local fields = {'_v', token}
+  for j = 1, 2 * f do fields[2 + j] = ARGV[a + j - 1] end
+  a = a + 2 * f
+  redis.call('HSET', key, unpack(fields))
+  redis.call('EXPIRE', key, ttl)
+  redis.call('SET', KEYS[k], ARGV[a], 'EX', ttl)
+  a = a + 1
+  k = k + 1
 end
-for _ = 1, c[1] do
-  redis.call('HSET', KEYS[k], ARGV[a], ARGV[a + 1]); k = k + 1; a = a + 2
+for _ = 1, z do
+  local key, at, n = KEYS[k], ARGV[a], tonumber(ARGV[a + 1])
+  a = a + 2
+  for _ = 1, n do
+    redis.call('ZINCRBY', key, ARGV[a], ARGV[a + 1]); a = a + 2
+  end
+  redis.call('EXPIREAT', key, at)
+  k = k + 1
 end
-for _ = 1, c[2] do
-  redis.call('EXPIRE', KEYS[k], ARGV[a]); k = k + 1; a = a + 1
+for _ = 1, x do
+  local n = tonumber(ARGV[a])
+  redis.call('SADD', KEYS[k], unpack(ARGV, a + 1, a + n))
+  a = a + n + 1
+  k = k + 1
 end
-for _ = 1, c[3] do
-  redis.call('SET', KEYS[k], ARGV[a], 'EX', ARGV[a + 1]); k = k + 1; a = a + 2
-end
-for _ = 1, c[4] do
-  redis.call('ZINCRBY', KEYS[k], ARGV[a], ARGV[a + 1]); k = k + 1; a = a + 2
-end
-for _ = 1, c[5] do
-  redis.call('EXPIREAT', KEYS[k], ARGV[a]); k = k + 1; a = a + 1
-end
-for _ = 1, c[6] do
-  redis.call('SADD', KEYS[k], ARGV[a]); k = k + 1; a = a + 1
+for i = 1, m do
+  redis.call('SET', KEYS[i], '1', 'EX', marker_ttl)
 end
 return {1}
 """
@@ -163,10 +183,13 @@ class ApplyResult:
     applied_by_type: Mapping[str, int] = field(default_factory=dict)
 
 
-# NaN or infinity in a state is a bug upstream; refuse it rather than store invalid JSON. States
-# and records are trees decoded from JSON or built by the folds, never cyclic, so the encoder
-# skips the cycle bookkeeping; one shared encoder saves building one per call.
-_dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False, check_circular=False).encode
+# States and serving records are encoded and decoded with orjson: the stream processor writes
+# one state and one record per entity of every batch, and the standard library's codec was the
+# largest part of its time (``python -m benchmarks.stream_processor``). orjson writes compact JSON
+# that reads back to the same values; it would write a non-finite float as null, but none can
+# arise: every input is finite and bounded (validated timestamps, watch times up to a day), and
+# ``math.exp2`` raises rather than overflowing to infinity.
+_dumps = orjson.dumps
 
 
 class _Fresh(dict[str, Any]):
@@ -185,56 +208,116 @@ class _Fresh(dict[str, Any]):
 
 
 def _loads_state(raw: str) -> State:
-    state = json.loads(raw)
+    state = orjson.loads(raw)
     return _Fresh(state) if isinstance(state, dict) else state
+
+
+def _loads_record(raw: str) -> Any:
+    # Catalog and user records are written by other code with the standard library, which also
+    # accepts the NaN and Infinity literals orjson refuses; reading them the same way as before
+    # keeps one odd record from failing every batch that touches it.
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
 
 
 def _iso(now: datetime) -> str:
     return now.isoformat().replace("+00:00", "Z")
 
 
-class _Writes:
-    """The writes of one transaction, collected by kind for :data:`APPLY_SCRIPT`."""
+_Arg: TypeAlias = str | bytes | int | float
+"""One argument of a script call."""
 
-    __slots__ = ("_args", "_keys")
+
+class _Writes:
+    """The writes of one transaction, laid out for :data:`APPLY_SCRIPT`.
+
+    Each state written is also a state checked: its expected version token goes with it.
+    """
+
+    __slots__ = ("_exclusions", "_record_keys", "_state_args", "_state_keys", "_tokens", "_trending", "token")
 
     def __init__(self) -> None:
-        # One (keys, args) pair per command kind, in the order APPLY_SCRIPT applies them.
-        self._keys: tuple[list[str], ...] = ([], [], [], [], [], [])
-        self._args: tuple[list[str | int | float], ...] = ([], [], [], [], [], [])
+        self.token = uuid.uuid4().hex
+        """The version token every state written gets."""
+        self._state_keys: list[str] = []
+        self._tokens: list[str] = []
+        self._record_keys: list[str] = []
+        self._state_args: list[_Arg] = []
+        self._trending: dict[str, tuple[int, list[_Arg]]] = {}
+        self._exclusions: dict[str, list[str]] = {}
 
-    def hset(self, key: str, field: str, value: str) -> None:
-        self._keys[0].append(key)
-        self._args[0].extend((field, value))
+    def state(
+        self,
+        key: str,
+        expected_token: str,
+        ttl_s: int,
+        fields: Sequence[str | bytes],
+        record_key: str,
+        record: str | bytes,
+    ) -> None:
+        """Write some views of one entity's state and its serving record.
 
-    def expire(self, key: str, ttl_s: int) -> None:
-        self._keys[1].append(key)
-        self._args[1].append(ttl_s)
+        Args:
+            key: The state hash.
+            expected_token: The version token it was read with (``""``: none).
+            ttl_s: Lifetime of the hash and of the record from now.
+            fields: View name, state JSON, view name, state JSON, ...
+            record_key: The entity's serving record.
+            record: The record's JSON.
+        """
+        self._state_keys.append(key)
+        self._tokens.append(expected_token)
+        self._record_keys.append(record_key)
+        self._state_args.extend((ttl_s, len(fields) // 2, *fields, record))
 
-    def set(self, key: str, value: str, ex: int) -> None:
-        self._keys[2].append(key)
-        self._args[2].extend((value, ex))
-
-    def zincrby(self, key: str, amount: float, member: str) -> None:
-        self._keys[3].append(key)
-        # repr keeps every digit of the double, as redis-py's own ZINCRBY encoding does.
-        self._args[3].extend((repr(float(amount)), member))
-
-    def expireat(self, key: str, at_s: int) -> None:
-        self._keys[4].append(key)
-        self._args[4].append(at_s)
+    def zincrby(self, key: str, expire_at_s: int, amounts: Mapping[str, float]) -> None:
+        """Add to members of a sorted set and make it expire at an instant."""
+        args: list[_Arg] = []
+        for member, amount in amounts.items():
+            # repr keeps every digit of the double, as redis-py's own ZINCRBY encoding does.
+            args.extend((repr(float(amount)), member))
+        if key in self._trending:
+            args = [*self._trending[key][1], *args]
+        self._trending[key] = (expire_at_s, args)
 
     def sadd(self, key: str, member: str) -> None:
-        self._keys[5].append(key)
-        self._args[5].append(member)
+        """Add a member to a set."""
+        self._exclusions.setdefault(key, []).append(member)
 
-    def keys(self) -> list[str]:
-        """The keys written, in script order."""
-        return [key for part in self._keys for key in part]
-
-    def args(self) -> list[str | int | float]:
-        """The six counts, then the other arguments, in script order."""
-        return [*(len(part) for part in self._keys), *(arg for part in self._args for arg in part)]
+    def command(
+        self, markers: Sequence[str], marker_ttl_s: int, erased_by_user: Mapping[str, bool], keys: RedisKeys
+    ) -> tuple[int, list[_Arg]]:
+        """The ``EVAL`` arguments after the script: the key count, and the keys then the other arguments."""
+        users = list(erased_by_user)
+        key_list: list[str] = [
+            *markers,
+            *self._state_keys,
+            *([keys.erased_users()] if users else []),
+            *self._record_keys,
+            *self._trending,
+            *self._exclusions,
+        ]
+        args: list[_Arg] = [
+            len(markers),
+            len(self._state_keys),
+            len(users),
+            len(self._trending),
+            len(self._exclusions),
+            self.token,
+            marker_ttl_s,
+            *self._tokens,
+            *users,
+            *("1" if erased_by_user[u] else "0" for u in users),
+            *self._state_args,
+        ]
+        for at_s, pairs in self._trending.values():
+            args.extend((at_s, len(pairs) // 2, *pairs))
+        for members in self._exclusions.values():
+            args.append(len(members))
+            args.extend(members)
+        return len(key_list), [*key_list, *args]
 
 
 def _hashes(replies: Sequence[Sequence[str]]) -> list[dict[str, str]]:
@@ -265,6 +348,11 @@ class OnlineFeatureStore:
         processed_ttl_s: Lifetime of processed-event markers.
         max_retries: Transactions retried on conflicts before :class:`ApplyConflict`.
         clock: Current time, timezone-aware (injectable for tests).
+        state_cache_size: Entities whose states :meth:`apply_events` keeps in memory after writing
+            them, most recently written first; 0 keeps none. A cached state is used instead of
+            reading and decoding it again only while Redis still holds the version token it was
+            written with: the commit script checks that token as it checks one read from Redis, so
+            a state another writer changed meanwhile is a conflict, read again, never lost.
     """
 
     def __init__(
@@ -276,7 +364,10 @@ class OnlineFeatureStore:
         processed_ttl_s: int = PROCESSED_TTL_S,
         max_retries: int = 20,
         clock: Callable[[], datetime] = utcnow,
+        state_cache_size: int = 0,
     ) -> None:
+        if state_cache_size < 0:
+            raise ValueError(f"state_cache_size must be at least 0, not {state_cache_size}")
         self.store = store
         self.keys = store.keys
         self.params = params
@@ -287,9 +378,17 @@ class OnlineFeatureStore:
         self._entity_ttl_s = {
             e: max((v.state_ttl_s for v in vs), default=0) for e, vs in self._entity_views.items()
         }
+        # Served names and their ``view:feature`` references, in spec order, built once.
+        self._ref_order = {
+            v.name: (tuple(spec.name for spec in v.specs), tuple(spec.ref for spec in v.specs))
+            for v in self.views
+        }
         self.processed_ttl_s = processed_ttl_s
         self.max_retries = max_retries
         self._clock = clock
+        self.state_cache_size = state_cache_size
+        # State key to (version token written, view name to state), oldest write first.
+        self._state_cache: dict[str, tuple[str, dict[str, State]]] = {}
 
     def _views_of(self, entity_type: EntityType) -> tuple[FeatureView, ...]:
         return self._entity_views[entity_type]
@@ -407,7 +506,7 @@ class OnlineFeatureStore:
             for entity_id in ids:
                 pipe.hget(self.keys.feature_state(view.entity, entity_id), view.name)
             raw = pipe.execute()
-        return [None if r is None else json.loads(r) for r in raw]
+        return [None if r is None else orjson.loads(r) for r in raw]
 
     def write_states(
         self, view: FeatureView, states: Mapping[str, State], now: datetime | None = None
@@ -435,14 +534,20 @@ class OnlineFeatureStore:
             with self.store.guard():
                 current = self._read_hashes(list(state_keys.values()))
                 writes = _Writes()
+                ttl_s, stamp = self._record_ttl_s(entity), _iso(at)
                 for eid, key in state_keys.items():
                     views = self._decode_views(entity, current[key])
                     views[view.name] = states[eid]
-                    writes.hset(key, view.name, _dumps(states[eid]))
-                    writes.expire(key, self._record_ttl_s(entity))
-                    self._queue_record(writes, entity, eid, views, at)
+                    writes.state(
+                        key,
+                        current[key].get(VERSION_FIELD, ""),
+                        ttl_s,
+                        (view.name, _dumps(states[eid])),
+                        self.keys.features(entity, eid),
+                        self._record(entity, views, at, stamp),
+                    )
                 try:
-                    self._apply([], {key: current[key] for key in state_keys.values()}, {}, writes)
+                    self._apply([], {}, writes)
                 except _StateChanged:
                     continue
                 return len(states)
@@ -457,14 +562,20 @@ class OnlineFeatureStore:
     def _decode_views(self, entity: EntityType, raw: Mapping[str, str]) -> dict[str, State]:
         return {v.name: _loads_state(raw[v.name]) if v.name in raw else {} for v in self._views_of(entity)}
 
-    def _queue_record(
-        self, writes: _Writes, entity: EntityType, entity_id: str, states: Mapping[str, State], now: datetime
-    ) -> None:
+    def _record(self, entity: EntityType, states: Mapping[str, State], now: datetime, stamp: str) -> bytes:
+        """The serving record of an entity's states: every view's served values, by reference."""
         record: dict[str, FeatureValue | str] = {}
         for v in self._views_of(entity):
-            record.update(v.serve_refs(states[v.name], now, self.params))
-        record[UPDATED_AT] = _iso(now)
-        writes.set(self.keys.features(entity, entity_id), _dumps(record), ex=self._record_ttl_s(entity))
+            served = v.serve(states[v.name], now, self.params)
+            names, refs = self._ref_order[v.name]
+            # What FeatureView.serve_refs returns, without formatting every reference again:
+            # serve answers its names in one fixed order, so the references pair up by position.
+            if tuple(served) == names:
+                record.update(zip(refs, served.values(), strict=True))
+            else:
+                record.update(v.serve_refs(states[v.name], now, self.params))
+        record[UPDATED_AT] = stamp
+        return _dumps(record)
 
     # -- the write path ------------------------------------------------------------------------
 
@@ -538,17 +649,16 @@ class OnlineFeatureStore:
         user_ids = sorted({e.user_id for e in unique})
         with self.store.guard():
             pipe = self.store.client.pipeline(transaction=False)
-            pipe.mget([keys.processed_event(e.event_id) for e in unique])
             pipe.mget([keys.item(i) for i in item_ids])
             pipe.mget([keys.user(u) for u in user_ids])
-            done, item_raw, user_raw = pipe.execute()
-        pending = [e for e, flag in zip(unique, done, strict=True) if flag is None]
-        duplicates += len(unique) - len(pending)
-        items = self._infos(item_ids, [None if r is None else json.loads(r) for r in item_raw])
+            item_raw, user_raw = pipe.execute()
+        # Events applied before are found by each attempt's own read of the processed markers.
+        pending = unique
+        items = self._infos(item_ids, [None if r is None else _loads_record(r) for r in item_raw])
         opted_out = {
             u
             for u, r in zip(user_ids, user_raw, strict=True)
-            if r is not None and not _personalized(json.loads(r))
+            if r is not None and not _personalized(_loads_record(r))
         }
         retries = 0
         while pending:
@@ -573,20 +683,27 @@ class OnlineFeatureStore:
             pending = result
         return ApplyResult(duplicates=duplicates, retries=retries)
 
-    def _apply(
-        self,
-        markers: Sequence[str],
-        states: Mapping[str, Mapping[str, str]],
-        erased_by_user: Mapping[str, bool],
-        writes: _Writes,
-    ) -> set[int]:
+    def _remember(self, token: str, written: Sequence[tuple[str, dict[str, State]]]) -> None:
+        """Cache states just written with ``token``, dropping the least recently written beyond the size."""
+        size = self.state_cache_size
+        if not size:
+            return
+        cache = self._state_cache
+        for key, states in written[-size:]:
+            cache.pop(key, None)  # inserted again at the end: the most recently written
+            # Fresh: a fold may update them in place (see _Fresh); nothing else holds them.
+            fresh = {name: _Fresh(st) if type(st) is dict else st for name, st in states.items()}
+            cache[key] = (token, fresh)
+        for key in list(islice(cache, max(0, len(cache) - size))):
+            del cache[key]
+
+    def _apply(self, markers: Sequence[str], erased_by_user: Mapping[str, bool], writes: _Writes) -> set[int]:
         """Run :data:`APPLY_SCRIPT`: the writes, provided nothing read has changed.
 
         Args:
-            markers: Processed markers that must still be absent.
-            states: State hash key to the hash as read (its token is checked, then replaced).
+            markers: Processed markers that must still be absent; written with the rest.
             erased_by_user: User id to whether it was erased when read.
-            writes: Everything to write.
+            writes: Everything else to write, with the version tokens the states were read with.
 
         Returns:
             The 1-based indexes of ``markers`` that exist now (nothing was written then); empty
@@ -596,21 +713,9 @@ class OnlineFeatureStore:
             _StateChanged: A state or erased flag changed since it was read; nothing was written.
             StoreUnavailable: Redis could not be reached.
         """
-        users = list(erased_by_user)
-        check_keys = [*markers, *states, *([self.keys.erased_users()] if users else [])]
-        args: list[str | int | float] = [
-            len(markers),
-            len(states),
-            len(users),
-            *(raw.get(VERSION_FIELD, "") for raw in states.values()),
-            *users,
-            *("1" if erased_by_user[u] else "0" for u in users),
-            uuid.uuid4().hex,
-            *writes.args(),
-        ]
-        keys = [*check_keys, *writes.keys()]
+        n_keys, keys_and_args = writes.command(markers, self.processed_ttl_s, erased_by_user, self.keys)
         with self.store.guard():
-            reply = self.store.client.eval(APPLY_SCRIPT, len(keys), *keys, *args)
+            reply = self.store.client.eval(APPLY_SCRIPT, n_keys, *keys_and_args)
         status = int(reply[0])
         if status == 0:
             return {int(i) for i in reply[1]}
@@ -628,54 +733,76 @@ class OnlineFeatureStore:
         # Routing needs no erased flags: erased users' events are routed, then dropped below.
         routed = self._plan(pending, items, set(), opted_out)
         state_keys = {entity: keys.feature_state(entity[0], entity[1]) for entity in routed.groups}
+        # Cached states are taken out of the cache: the folds update them in place, so they go
+        # back only once the write succeeds. Any other outcome leaves them out, to be read again.
+        held: dict[tuple[EntityType, str], tuple[str, dict[str, State]]] = {}
+        if self._state_cache:
+            for entity, key in state_keys.items():
+                hit = self._state_cache.pop(key, None)
+                if hit is not None:
+                    held[entity] = hit
+        to_read = [key for entity, key in state_keys.items() if entity not in held]
         with self.store.guard():
             reader = self.store.client.pipeline(transaction=False)
             reader.mget(markers)
             reader.smismember(keys.erased_users(), user_ids)
-            if state_keys:
-                reader.eval(READ_STATES_SCRIPT, len(state_keys), *state_keys.values())
+            if to_read:
+                reader.eval(READ_STATES_SCRIPT, len(to_read), *to_read)
             replies = reader.execute()
         done, erased_flags = replies[0], replies[1]
-        raw_states = _hashes(replies[2]) if state_keys else []
+        raw_by_key = dict(zip(to_read, _hashes(replies[2]), strict=True)) if to_read else {}
         if any(flag is not None for flag in done):
             return [e for e, flag in zip(pending, done, strict=True) if flag is None]
         erased_by_user = {u: bool(flag) for u, flag in zip(user_ids, erased_flags, strict=True)}
         erased = {u for u, flag in erased_by_user.items() if flag}
         plan = self._plan(pending, items, erased, opted_out) if erased else routed
-        raw_by_entity = dict(zip(state_keys, raw_states, strict=True))
         now = self._clock()
+        stamp = _iso(now)
 
+        # Only the states folded are checked and written: an erased user's state is left alone.
         writes = _Writes()
+        written: list[tuple[str, dict[str, State]]] = []
+        by_name, params = self._by_name, self.params
         for entity, by_view in plan.groups.items():
             entity_type, entity_id = entity
-            states = self._decode_views(entity_type, raw_by_entity[entity])
             key = state_keys[entity]
+            hit = held.get(entity)
+            if hit is None:
+                raw = raw_by_key[key]
+                token, states = raw.get(VERSION_FIELD, ""), self._decode_views(entity_type, raw)
+            else:
+                token, states = hit
+            fields: list[str | bytes] = []
             for name, view_events in by_view.items():
-                states[name] = self._by_name[name].update(states[name], view_events, items, self.params)
-                writes.hset(key, name, _dumps(states[name]))
-            writes.expire(key, self._record_ttl_s(entity_type))
-            self._queue_record(writes, entity_type, entity_id, states, now)
-        for (scope, epoch), amounts in trending.increments(plan.events, items, self.params).items():
-            zkey = scope.key(keys, epoch)
-            for item_id, amount in amounts.items():
-                writes.zincrby(zkey, amount, item_id)
-            writes.expireat(zkey, trending.expire_at_s(epoch, self.params))
+                states[name] = by_name[name].update(states[name], view_events, items, params)
+                fields.extend((name, _dumps(states[name])))
+            writes.state(
+                key,
+                token,
+                self._record_ttl_s(entity_type),
+                fields,
+                keys.features(entity_type, entity_id),
+                self._record(entity_type, states, now, stamp),
+            )
+            written.append((key, states))
+        for (scope, epoch), amounts in trending.increments(plan.events, items, params).items():
+            writes.zincrby(scope.key(keys, epoch), trending.expire_at_s(epoch, params), amounts)
         for event in plan.events:
-            if event.event_type in NEGATIVE_FEEDBACK:
+            if event.kind in _NEGATIVE_KINDS:
                 writes.sadd(keys.exclusions(event.user_id), event.item_id)
-        for marker in markers:
-            writes.set(marker, "1", ex=self.processed_ttl_s)
-        # Only the states folded need their tokens checked: an erased user's state is not written.
-        folded = {state_keys[entity]: raw_by_entity[entity] for entity in plan.groups}
-        done_now = self._apply(markers, folded, erased_by_user, writes)
+        done_now = self._apply(markers, erased_by_user, writes)
         if done_now:
             return [e for i, e in enumerate(pending, start=1) if i not in done_now]
+        self._remember(writes.token, written)
         return ApplyResult(
             applied=len(plan.events),
             skipped=len(plan.erased),
             entities=len(plan.groups),
-            applied_by_type=dict(Counter(e.event_type.value for e in plan.events)),
+            applied_by_type=dict(Counter(e.kind for e in plan.events)),
         )
+
+
+_NEGATIVE_KINDS: Final = frozenset(t.value for t in NEGATIVE_FEEDBACK)
 
 
 def _personalized(user_record: Mapping[str, Any]) -> bool:

@@ -11,14 +11,39 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final, TypeGuard
 
 import numpy as np
+import orjson
 
-from core.schema import EventType, Item, UserEvent
+from core.schema import MAX_FUTURE_SKEW, MAX_ID_LEN, MIN_EVENT_TIME, Device, EventType, Item, UserEvent
+
+# What an event written by the intake looks like (``UserEvent.model_dump_json(by_alias=True)``):
+# the checks of EventRecord.from_event_json. The id pattern is core.schema.Id's.
+_ID_RE: Final = re.compile(rf"[A-Za-z0-9_\-:.@/+=]{{1,{MAX_ID_LEN}}}")
+_LABEL_RE: Final = re.compile(r"\S(?:.{0,62}\S)?", re.DOTALL)
+_EVENT_FIELDS: Final = frozenset(
+    {"eventId", "userId", "itemId", "eventType", "timestamp", "context", "watchTimeS"}
+)
+_CONTEXT_FIELDS: Final = frozenset({"surface", "device", "region", "requestId", "position", "extra"})
+_EVENT_TYPES: Final = {t.value: t for t in EventType}
+_DEVICES: Final = frozenset(d.value for d in Device)
+
+
+def _is_id(value: object) -> TypeGuard[str]:
+    return type(value) is str and _ID_RE.fullmatch(value) is not None
+
+
+def _is_optional_label(value: object) -> bool:
+    return value is None or (type(value) is str and _LABEL_RE.fullmatch(value) is not None)
+
+
+def _is_number(value: object) -> TypeGuard[float]:
+    return type(value) is float or type(value) is int
 
 
 def _as_utc(value: object, field: str) -> datetime:
@@ -76,6 +101,10 @@ class EventRecord:
         watch_time_s: Seconds watched (``watch`` events only), rounded to float32.
         rating: Explicit rating kept from imports (MovieLens), rounded to float32; ``None`` otherwise.
         context_json: The event context's client-specific ``extra`` keys as JSON, or ``None``.
+        ts_s: ``ts`` as seconds since the Unix epoch: the time unit of every feature state.
+        sort_key: The fold order: by time, ties broken by ``event_id`` so every run picks the
+            same order.
+        kind: ``event_type``'s value (``"click"``, ...), the key feature states count by.
     """
 
     event_id: str
@@ -91,6 +120,11 @@ class EventRecord:
     watch_time_s: float | None = None
     rating: float | None = None
     context_json: str | None = None
+    # Derived once here rather than on every use: each fold reads them several times per event,
+    # and converting a datetime or reading an enum's value costs more than the fold's own work.
+    ts_s: float = field(init=False, repr=False, compare=False)
+    sort_key: tuple[float, str] = field(init=False, repr=False, compare=False)
+    kind: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # The lake keeps these columns as float32. Rounding every record the same way makes the
@@ -100,16 +134,10 @@ class EventRecord:
             object.__setattr__(self, "watch_time_s", _float32(self.watch_time_s))
         if self.rating is not None:
             object.__setattr__(self, "rating", _float32(self.rating))
-
-    @property
-    def ts_s(self) -> float:
-        """``ts`` as seconds since the Unix epoch: the time unit of every feature state."""
-        return self.ts.timestamp()
-
-    @property
-    def sort_key(self) -> tuple[float, str]:
-        """The fold order: by time, ties broken by ``event_id`` so every run picks the same order."""
-        return (self.ts_s, self.event_id)
+        ts_s = self.ts.timestamp()
+        object.__setattr__(self, "ts_s", ts_s)
+        object.__setattr__(self, "sort_key", (ts_s, self.event_id))
+        object.__setattr__(self, "kind", self.event_type.value)
 
     @classmethod
     def from_event(cls, event: UserEvent) -> EventRecord:
@@ -140,6 +168,87 @@ class EventRecord:
             position=context.position,
             watch_time_s=event.watch_time_s,
             context_json=extra,
+        )
+
+    @classmethod
+    def from_event_json(cls, payload: str | bytes) -> EventRecord | None:
+        """The record of an event as the intake wrote it to the stream, without pydantic.
+
+        The events stream holds events the API validated, serialised by
+        ``UserEvent.model_dump_json(by_alias=True)``. Validating each again costs more than folding
+        it, so this reads that exact shape directly and checks what the folds depend on: the field
+        names, ids, event type, the timestamp (timezone-aware, from 1970 to 5 minutes ahead),
+        the watch time and the context's types. Anything else (another shape, a value it does not
+        vouch for) answers ``None``, and the caller validates the payload with
+        :func:`features.stream_codec.decode_event` instead, which accepts or rejects it with the
+        API's own rules. For every payload both accept, both give the same record.
+
+        Args:
+            payload: The ``"e"`` field of an events-stream entry.
+
+        Returns:
+            The record, or ``None`` when the payload must go through full validation.
+        """
+        try:
+            doc = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return None
+        if type(doc) is not dict or not doc.keys() <= _EVENT_FIELDS:
+            return None
+        event_id, user_id, item_id = doc.get("eventId"), doc.get("userId"), doc.get("itemId")
+        event_type = _EVENT_TYPES.get(doc.get("eventType"))  # type: ignore[arg-type]
+        stamp, context, watch = doc.get("timestamp"), doc.get("context"), doc.get("watchTimeS")
+        if not (
+            event_type is not None
+            and _is_id(event_id)
+            and _is_id(user_id)
+            and _is_id(item_id)
+            and type(stamp) is str
+            and type(context) is dict
+            and context.keys() <= _CONTEXT_FIELDS
+        ):
+            return None
+        if event_type is EventType.WATCH:
+            if not (_is_number(watch) and 0 <= watch <= 86_400):
+                return None
+        elif watch is not None:
+            return None
+        try:
+            ts = datetime.fromisoformat(stamp)
+        except ValueError:
+            return None
+        if ts.tzinfo is None:
+            return None
+        ts = ts.astimezone(UTC)
+        if ts < MIN_EVENT_TIME or ts > datetime.now(UTC) + MAX_FUTURE_SKEW:
+            return None
+        surface, device, region = context.get("surface"), context.get("device"), context.get("region")
+        request_id, position = context.get("requestId"), context.get("position")
+        extra = context.get("extra", {})
+        if not (
+            _is_optional_label(surface)
+            and _is_optional_label(region)
+            and (device is None or device in _DEVICES)
+            and (request_id is None or _is_id(request_id))
+            and (position is None or (type(position) is int and 0 <= position <= 10_000))
+            and type(extra) is dict
+        ):
+            return None
+        return cls(
+            event_id=event_id,
+            user_id=user_id,
+            item_id=item_id,
+            event_type=event_type,
+            ts=ts,
+            surface=surface,
+            device=device,
+            region=region,
+            request_id=request_id,
+            position=position,
+            watch_time_s=None if watch is None else float(watch),
+            context_json=(
+                json.dumps(extra, sort_keys=True, separators=(",", ":"), default=str) if extra else None
+            ),
         )
 
     @classmethod

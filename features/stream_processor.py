@@ -6,9 +6,11 @@ Input: the events stream ``{ns}:stream:events``. Each entry has one field ``"e"`
 fields). The processor reads it as a member of the consumer group ``"features"``.
 
 Each batch: read (own pending entries after a restart, idle entries of dead consumers, then new
-ones; see :mod:`features.stream_consumer`) → decode → :meth:`OnlineFeatureStore.apply_events`
-(one transaction for the whole batch, idempotent on ``event_id``) → ``XACK``. Undecodable entries
-go to ``{ns}:stream:dead-letters`` and are acknowledged, so one bad entry cannot stall the group.
+ones; see :mod:`features.stream_consumer`) → decode (directly for entries the intake wrote, with
+full validation for anything else, see :meth:`EventRecord.from_event_json`) →
+:meth:`OnlineFeatureStore.apply_events` (one transaction for the whole batch, idempotent on
+``event_id``) → ``XACK``. Undecodable entries go to ``{ns}:stream:dead-letters`` and are
+acknowledged, so one bad entry cannot stall the group.
 A crash anywhere before ``XACK`` leads to redelivery, which the processed-event markers turn into
 a no-op for everything already applied.
 
@@ -34,7 +36,7 @@ from features.online_store import OnlineFeatureStore
 from features.params import DEFAULT_PARAMS, FeatureParams
 from features.records import EventRecord
 from features.redis_store import RedisStore
-from features.stream_codec import FEATURES_GROUP, EntryDecodeError, decode_event
+from features.stream_codec import ENTRY_FIELD, FEATURES_GROUP, EntryDecodeError, decode_event
 from features.stream_consumer import StreamConsumer, StreamEntry
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,14 @@ GROUP: Final = FEATURES_GROUP
 
 ACTOR_NAME: Final = "rayrec-stream-processor"
 """Default name of the processor actor, for ``ray.get_actor``."""
+
+STATE_CACHE_SIZE: Final = 10_000
+"""Entity states a processor keeps in memory after writing them (see :class:`OnlineFeatureStore`).
+
+Hot items and creators recur in nearly every batch; keeping their states saves reading and
+decoding them again. A user's state is the largest (up to 50 recent events, some 10-15 KB in
+memory), which bounds this to tens of megabytes.
+"""
 
 
 @dataclass(slots=True)
@@ -79,7 +89,8 @@ class StreamProcessor:
     Args:
         store: The Redis store.
         consumer: This consumer's name: unique in the group, the same across restarts.
-        online: The feature store to apply to; one on ``store`` with default parameters when omitted.
+        online: The feature store to apply to; one on ``store`` with default parameters and a
+            state cache of :data:`STATE_CACHE_SIZE` when omitted.
         claim_idle_ms: Idle time after which other consumers' pending entries are taken over.
         claim_every_s: How often idle entries are looked for after the first time, at start.
         metrics: Where to count; the process-wide metrics when omitted.
@@ -98,7 +109,7 @@ class StreamProcessor:
         metrics_every_s: float = 5.0,
     ) -> None:
         self.store = store
-        self.online = online or OnlineFeatureStore(store)
+        self.online = online or OnlineFeatureStore(store, state_cache_size=STATE_CACHE_SIZE)
         self.consumer = StreamConsumer(
             store.client,
             store.keys.stream_events(),
@@ -167,11 +178,12 @@ class StreamProcessor:
         records: list[EventRecord] = []
         invalid = 0
         for entry in entries:
-            try:
-                records.append(EventRecord.from_event(decode_event(entry.fields)))
-            except EntryDecodeError as exc:
+            record = _decode(entry)
+            if isinstance(record, EventRecord):
+                records.append(record)
+            else:
                 invalid += 1
-                self._reject(entry, str(exc))
+                self._reject(entry, record)
         try:
             result = self.online.apply_events(records)
         except Exception:
@@ -221,6 +233,23 @@ class StreamProcessor:
         self.metrics.consumer_lag_s.labels("events", GROUP).set(self.consumer.lag_s())
 
 
+def _decode(entry: StreamEntry) -> EventRecord | str:
+    """The record of an entry, or why it has none.
+
+    Entries the intake wrote take the direct path (:meth:`EventRecord.from_event_json`); any other
+    payload is validated with the API's rules, which accept or reject it.
+    """
+    payload = None if entry.fields is None else entry.fields.get(ENTRY_FIELD)
+    if payload is not None:
+        record = EventRecord.from_event_json(payload)
+        if record is not None:
+            return record
+    try:
+        return EventRecord.from_event(decode_event(entry.fields))
+    except EntryDecodeError as exc:
+        return str(exc)
+
+
 def default_consumer_name() -> str:
     """A consumer name stable for one host: ``processor-<hostname>``."""
     return f"processor-{socket.gethostname()}"
@@ -242,6 +271,7 @@ class StreamProcessorActor:
         block_ms: How long one read waits for new entries.
         claim_idle_ms: Idle time after which other consumers' pending entries are taken over.
         params: Fold constants; the defaults when omitted.
+        state_cache_size: Entity states kept in memory after writing them.
         autostart: Start looping at construction, which is what makes restarts resume.
     """
 
@@ -254,10 +284,13 @@ class StreamProcessorActor:
         block_ms: int = 1000,
         claim_idle_ms: int = 60_000,
         params: FeatureParams | None = None,
+        state_cache_size: int = STATE_CACHE_SIZE,
         autostart: bool = True,
     ) -> None:
         self._store = RedisStore.from_settings(settings)
-        online = OnlineFeatureStore(self._store, params=params or DEFAULT_PARAMS)
+        online = OnlineFeatureStore(
+            self._store, params=params or DEFAULT_PARAMS, state_cache_size=state_cache_size
+        )
         self._processor = StreamProcessor(self._store, consumer, online=online, claim_idle_ms=claim_idle_ms)
         self._loop = ConsumerLoop(
             f"stream-processor[{consumer}]", lambda: self._processor.run_once(batch_size, block_ms)
@@ -289,6 +322,7 @@ def start_stream_processor(
     name: str = ACTOR_NAME,
     consumer: str = "processor-0",
     batch_size: int = 500,
+    state_cache_size: int = STATE_CACHE_SIZE,
     **options: Any,
 ) -> Any:
     """Get the named processor actor, creating it when it does not exist.
@@ -298,11 +332,12 @@ def start_stream_processor(
         name: Actor name.
         consumer: Consumer name in group ``features``.
         batch_size: Most entries per batch (see :class:`StreamProcessorActor`).
+        state_cache_size: Entity states kept in memory after writing them.
         **options: Further ``.options(...)`` for the actor (``lifetime="detached"``, resources).
 
     Returns:
         The actor handle.
     """
     return StreamProcessorActor.options(name=name, get_if_exists=True, **options).remote(  # type: ignore[attr-defined]
-        settings, consumer, batch_size=batch_size
+        settings, consumer, batch_size=batch_size, state_cache_size=state_cache_size
     )

@@ -42,6 +42,12 @@ CONSUMPTION: Final[frozenset[EventType]] = frozenset(
 
 _NOT_SESSION_ITEMS: Final = NEGATIVE_FEEDBACK | {EventType.SKIP}
 
+# The same sets as event type values: folds test ``EventRecord.kind``, a plain string, because
+# hashing an enum member runs Python code and the folds test every event.
+_CONSUMPTION_KINDS: Final = frozenset(t.value for t in CONSUMPTION)
+_NOT_SESSION_KINDS: Final = frozenset(t.value for t in _NOT_SESSION_ITEMS)
+_COUNT_FEATURES: Final = tuple((t.value, f"{t.value}_count") for t in EventType)
+
 
 def empty() -> State:
     """A new user's state."""
@@ -69,7 +75,7 @@ def _insert_recent(recent: list[list[Any]], event: EventRecord, limit: int) -> N
         at += 1
     if at >= limit or (at < len(recent) and (recent[at][0], recent[at][1]) == key):
         return  # older than everything kept, or this very event again
-    recent.insert(at, [event.ts_s, event.event_id, event.item_id, event.event_type.value])
+    recent.insert(at, [event.ts_s, event.event_id, event.item_id, event.kind])
     del recent[limit:]
 
 
@@ -85,7 +91,7 @@ def _fold_session(state: State, event: EventRecord, params: FeatureParams) -> No
         session["start"] = min(session["start"], t)
         session["last"] = max(session["last"], t)
     session["events"] += 1
-    if event.event_type in _NOT_SESSION_ITEMS:
+    if event.kind in _NOT_SESSION_KINDS:
         return
     items: list[list[Any]] = session["items"]
     key = event.sort_key
@@ -108,8 +114,10 @@ def _fold_one(state: State, event: EventRecord, item: ItemInfo | None, params: F
     _insert_recent(state["recent"], event, params.recent_items_max)
     _fold_session(state, event, params)
     counts: dict[str, int] = state["counts"]
-    counts[event.event_type.value] = counts.get(event.event_type.value, 0) + 1
-    state["last_ts"] = t if state["last_ts"] is None else max(state["last_ts"], t)
+    kind = event.kind
+    counts[kind] = counts.get(kind, 0) + 1
+    last_ts = state["last_ts"]
+    state["last_ts"] = t if last_ts is None or t > last_ts else last_ts
     if item is None:
         return  # without a catalog entry the category is unknown
     weight = params.affinity_weight(event.event_type, event.watch_time_s)
@@ -124,7 +132,7 @@ def _fold_one(state: State, event: EventRecord, item: ItemInfo | None, params: F
             params.affinity_floor,
         )
     last = state["last_cat"]
-    if event.event_type in CONSUMPTION and (last is None or (last[0], last[1]) < event.sort_key):
+    if kind in _CONSUMPTION_KINDS and (last is None or (last[0], last[1]) < event.sort_key):
         state["last_cat"] = [t, event.event_id, item.category]
 
 
@@ -163,28 +171,36 @@ def serve(state: State, now: datetime, params: FeatureParams) -> dict[str, Featu
     session = state["session"]
     live = session is not None and now_s - session["last"] <= params.session_gap_s
     ref = state["aff_ref"]
+    half_life_s = params.affinity_half_life_s
     affinities = sorted(
-        (
-            (decay(value, ref, now_s, params.affinity_half_life_s), category)
+        [
+            (decay(value, ref, now_s, half_life_s), category)
             for category, value in state["aff"].items()
             if value > 0
-        ),
-        key=lambda pair: (-pair[0], pair[1]),
+        ],
+        key=_strongest_first,
     )[: params.top_categories_max]
     counts: dict[str, int] = state["counts"]
+    last_cat = state["last_cat"]
+    last_ts = state["last_ts"]
+    # List comprehensions, not generators: this runs for every user of every stream batch.
     values: dict[str, FeatureValue] = {
-        "recent_item_ids": tuple(str(entry[2]) for entry in recent),
-        "recent_event_types": tuple(str(entry[3]) for entry in recent),
-        "recent_event_ts": tuple(float(entry[0]) for entry in recent),
-        "session_item_ids": tuple(str(entry[2]) for entry in session["items"]) if live else (),
+        "recent_item_ids": tuple([str(entry[2]) for entry in recent]),
+        "recent_event_types": tuple([str(entry[3]) for entry in recent]),
+        "recent_event_ts": tuple([float(entry[0]) for entry in recent]),
+        "session_item_ids": tuple([str(entry[2]) for entry in session["items"]]) if live else (),
         "session_event_count": int(session["events"]) if live else 0,
         "session_duration_s": float(session["last"] - session["start"]) if live else 0.0,
-        "top_categories": tuple(category for _, category in affinities),
-        "top_category_affinities": tuple(value for value, _ in affinities),
-        "last_viewed_category": "" if state["last_cat"] is None else str(state["last_cat"][2]),
-        "last_event_ts": 0.0 if state["last_ts"] is None else float(state["last_ts"]),
+        "top_categories": tuple([category for _, category in affinities]),
+        "top_category_affinities": tuple([value for value, _ in affinities]),
+        "last_viewed_category": "" if last_cat is None else str(last_cat[2]),
+        "last_event_ts": 0.0 if last_ts is None else float(last_ts),
         "event_count": sum(counts.values()),
     }
-    for event_type in EventType:
-        values[f"{event_type.value}_count"] = counts.get(event_type.value, 0)
+    for kind, name in _COUNT_FEATURES:
+        values[name] = counts.get(kind, 0)
     return values
+
+
+def _strongest_first(pair: tuple[float, str]) -> tuple[float, str]:
+    return (-pair[0], pair[1])

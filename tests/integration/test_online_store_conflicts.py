@@ -7,7 +7,8 @@ from datetime import datetime
 
 import pytest
 
-from core.schema import utcnow
+from core.schema import EntityType, utcnow
+from features.definitions import ITEM_ENGAGEMENT
 from features.online_store import VERSION_FIELD, OnlineFeatureStore
 from features.records import EventRecord
 from features.redis_store import RedisStore
@@ -59,3 +60,45 @@ def test_every_state_write_replaces_the_version_token(store: RedisStore) -> None
     assert token
     online.apply_events([EventRecord.from_event(e) for e in make_events(2, items, users=1, seed=3)])
     assert store.client.hget(key, VERSION_FIELD) not in (None, token)
+
+
+def _event_count(store: RedisStore, entity: EntityType, entity_id: str, feature: str) -> int:
+    record = OnlineFeatureStore(store).get_serving(entity, [entity_id])[0]
+    assert record is not None
+    return int(record[feature])
+
+
+def test_cached_states_are_used_only_while_no_other_writer_changed_them(store: RedisStore) -> None:
+    items = put_items(store, 1)
+    cached = OnlineFeatureStore(store, state_cache_size=100)
+    first, second, third = (make_events(4, items, users=1, seed=s) for s in (1, 2, 3))
+    assert cached.apply_events([EventRecord.from_event(e) for e in first]).applied == 4
+    assert len(cached._state_cache) == 3  # the user, the item and the creator
+    # Another writer folds events into the same states: the cached copies are now stale.
+    OnlineFeatureStore(store).apply_events([EventRecord.from_event(e) for e in second])
+    result = cached.apply_events([EventRecord.from_event(e) for e in third])
+    assert result.applied == 4 and result.retries == 1  # the stale copies were read again
+    assert_exactly_once(store, first + second + third)
+    # Unchanged since, the cache serves the next batch without a conflict.
+    fourth = make_events(4, items, users=1, seed=4)
+    assert cached.apply_events([EventRecord.from_event(e) for e in fourth]).retries == 0
+    assert_exactly_once(store, first + second + third + fourth)
+
+
+def test_a_backfill_replaces_cached_states(store: RedisStore) -> None:
+    items = put_items(store, 1)
+    cached = OnlineFeatureStore(store, state_cache_size=100)
+    cached.apply_events([EventRecord.from_event(e) for e in make_events(3, items, users=1)])
+    OnlineFeatureStore(store).write_states(ITEM_ENGAGEMENT, {items[0]: {}})
+    later = make_events(2, items, users=1, seed=7)
+    assert cached.apply_events([EventRecord.from_event(e) for e in later]).retries == 1
+    # The item's count starts again from the backfilled (empty) state, not the cached one.
+    assert _event_count(store, EntityType.ITEM, items[0], "item_engagement:event_count_total") == 2
+
+
+def test_the_cache_keeps_the_most_recently_written_states(store: RedisStore) -> None:
+    items = put_items(store, 6)
+    cached = OnlineFeatureStore(store, state_cache_size=4)
+    cached.apply_events([EventRecord.from_event(e) for e in make_events(12, items, users=6)])
+    assert len(cached._state_cache) == 4
+    assert_exactly_once(store, make_events(12, items, users=6))
