@@ -5,6 +5,9 @@ embeds every request's user at once, the feature builder of the release (the sam
 used) builds the inputs of every (user, candidate) pair, the multi-task model predicts every head,
 and each request's surface weights combine the heads into its scores.
 
+When the release carries an EASE model, each candidate's EASE score and rank are computed from the
+request's positive history (the same history the ``collaborative`` source read), as offline.
+
 Candidates the release's catalog does not hold (created after training) cannot be featurised;
 they get the median score of their request's known candidates, a neutral place from which the
 freshness and exploration policies can still lift them.
@@ -20,6 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from deployments.wire import RankReply, RankRequest
+from training.collaborative import CollaborativeModel, candidate_features
 from training.ranker import RankerServing
 from training.release import Release
 from training.two_tower import TwoTowerServing
@@ -34,12 +38,14 @@ class RankerModel:
         two_tower: The user tower (user embeddings are a ranker input).
         ranker: The multi-task ranker with its feature builder.
         row_of: Catalog row of each item id the release knows.
+        collaborative: The release's EASE model, if it has one.
     """
 
     version: str
     two_tower: TwoTowerServing
     ranker: RankerServing
     row_of: dict[str, int]
+    collaborative: CollaborativeModel | None = None
 
     @classmethod
     def build(cls, release: Release) -> RankerModel | None:
@@ -47,7 +53,13 @@ class RankerModel:
         if release.ranker is None:
             return None
         ids = release.items.item_ids.tolist()
-        return cls(release.version, release.two_tower, release.ranker, {str(i): n for n, i in enumerate(ids)})
+        return cls(
+            release.version,
+            release.two_tower,
+            release.ranker,
+            {str(i): n for n, i in enumerate(ids)},
+            release.collaborative,
+        )
 
 
 def score_batch(model: RankerModel, requests: Sequence[RankRequest]) -> list[RankReply]:
@@ -76,6 +88,19 @@ def score_batch(model: RankerModel, requests: Sequence[RankRequest]) -> list[Ran
     )
     rows = np.concatenate([rows[k] for rows, k in zip(rows_per_request, known_per_request, strict=True)])
     predictions: dict[str, NDArray[np.float32]] = {}
+    cf_score: NDArray[np.float32] | None = None
+    cf_rank: NDArray[np.float32] | None = None
+    if len(rows) and model.collaborative is not None:
+        history_rows = [
+            np.array([model.row_of.get(i, -1) for i in r.history], dtype=np.int64) for r in requests
+        ]
+        cf_scores = model.collaborative.scores(history_rows)
+        cf_score = np.zeros(len(rows), dtype=np.float32)
+        cf_rank = np.zeros(len(rows), dtype=np.float32)
+        for n in range(len(requests)):
+            mine = owner == n
+            if mine.any():
+                cf_score[mine], cf_rank[mine] = candidate_features(cf_scores[n], rows[mine])
     if len(rows):
         inputs = builder.build(
             users[owner],
@@ -84,6 +109,8 @@ def score_batch(model: RankerModel, requests: Sequence[RankRequest]) -> list[Ran
             np.array([vocab.surface.index(requests[n].surface) for n in owner], dtype=np.int64),
             np.array([vocab.device.index(requests[n].device) for n in owner], dtype=np.int64),
             np.array([requests[n].hour + 1 for n in owner], dtype=np.int64),
+            cf_score,
+            cf_rank,
         )
         predictions = model.ranker.predict(inputs)
     elapsed_ms = (time.perf_counter() - started) * 1000.0
@@ -100,7 +127,7 @@ def score_batch(model: RankerModel, requests: Sequence[RankRequest]) -> list[Ran
                 click * predictions["click"][part]
                 + like * predictions["like"][part]
                 + purchase * predictions["purchase"][part]
-                + watch * predictions["watch_time"][part]
+                + watch * model.ranker.relative_watch(predictions["watch_time"][part])
             )
             scores[known] = combined
             scores[~known] = float(np.median(combined))

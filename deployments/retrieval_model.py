@@ -6,7 +6,9 @@ Runs the model-backed candidate sources for one request in one call:
   it from Redis for this request, so a click changes the very next request) and the embedding is
   searched in the release's ANN or exact index, wrapped in a :class:`~retrieval.DeltaIndex` so
   items created after training are retrievable as soon as they are embedded;
-- ``item_to_item``, ``recently_viewed_related`` and ``similar_items``: the release's item-item table.
+- ``item_to_item``, ``recently_viewed_related`` and ``similar_items``: the release's item-item table;
+- ``collaborative``: the release's EASE model (``cf_ease.npy``) over the same positive history,
+  the candidates the offline two-stage evaluation measures (nothing for a release without it).
 
 No Ray here: the deployment class is a thin wrapper, and this runs in-process in tests.
 """
@@ -30,19 +32,59 @@ from deployments.wire import NO_MODEL, RetrievalReply, RetrievalRequest, SourceS
 from features.redis_store import RedisStore
 from features.user_context import model_profile, positive_history
 from retrieval import DeltaIndex
+from retrieval.sources.collaborative_source import CollaborativeSource
 from retrieval.sources.item_to_item_source import ItemToItemSource
 from retrieval.sources.recently_viewed_related_source import RecentlyViewedRelatedSource
 from retrieval.sources.similar_items_source import SimilarItemsSource
 from retrieval.sources.two_tower_ann_source import IndexEmbeddingRetriever, TwoTowerAnnSource
+from training.collaborative import CollaborativeModel, top_items
 from training.encoding import ItemFeatures
 from training.release import Release
 
 logger = logging.getLogger(__name__)
 
-MODEL_SOURCES = frozenset({"two_tower_ann", "item_to_item", "recently_viewed_related", "similar_items"})
+MODEL_SOURCES = frozenset(
+    {"two_tower_ann", "item_to_item", "recently_viewed_related", "similar_items", "collaborative"}
+)
 """The sources the retrieval deployment serves; the others run where the pipeline runs."""
 
 _ITEM_COLUMNS = ("item_id", "item_type", "category", "tags", "creator_id")
+
+
+@dataclass(frozen=True, eq=False)
+class HistoryScorer:
+    """EASE scoring of a history of item ids, over a release's catalog rows.
+
+    Attributes:
+        model: The release's EASE model.
+        item_ids: Catalog item id of each row.
+        row_of: Catalog row of each item id.
+    """
+
+    model: CollaborativeModel
+    item_ids: list[str]
+    row_of: dict[str, int]
+
+    @classmethod
+    def of(cls, release: Release) -> HistoryScorer | None:
+        """The scorer of a release, or None when it carries no EASE model."""
+        if release.collaborative is None:
+            return None
+        ids = [str(i) for i in release.items.item_ids.tolist()]
+        return cls(release.collaborative, ids, {item: n for n, item in enumerate(ids)})
+
+    def __call__(self, history: Sequence[str], k: int) -> list[tuple[str, float]]:
+        """The ``k`` best items for a history (its own items left out), best first."""
+        rows = np.asarray([self.row_of.get(i, -1) for i in history], dtype=np.int64)
+        if not (rows >= 0).any():
+            return []
+        scores = self.model.scores([rows])
+        top = top_items(scores, k)[0]
+        return [(self.item_ids[r], float(scores[0, r])) for r in top.tolist() if r >= 0]
+
+
+def _no_history_scorer(history: Sequence[str], k: int) -> list[tuple[str, float]]:
+    return []
 
 
 def popularity_of(release: Release, k: int) -> list[tuple[str, float]]:
@@ -110,6 +152,8 @@ class RetrievalModel:
             built = RecentlyViewedRelatedSource(neighbors, self.store, **limits)
         elif spec.name == "similar_items":
             built = SimilarItemsSource(neighbors, **limits)
+        elif spec.name == "collaborative":
+            built = CollaborativeSource(HistoryScorer.of(self.release) or _no_history_scorer, **limits)
         else:
             raise ValueError(f"retrieval serves {sorted(MODEL_SOURCES)}, not {spec.name!r}")
         self._sources[spec] = built

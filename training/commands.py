@@ -89,10 +89,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             return 2
     connect_ray(num_cpus=args.num_cpus)
     data = build_training_data(Lake(home), config.data)
-    report, extra = evaluate_release(release, data, config.eval, config.retrieval)
+    report, extra = evaluate_release(release, data, config.eval, config.retrieval, config.collaborative)
     print(report.render())
     for name, value in extra.items():
-        print(f"{name}: {value:.4f}")
+        print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
     if args.output is not None:
         report.to_json(args.output)
         print(f"report written to {args.output}")

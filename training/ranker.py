@@ -24,7 +24,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -55,14 +55,24 @@ DENSE_FEATURES: Final = (
     "ctr",
     "like_rate",
     "has_item_id",
+    "cf_score",
+    "cf_log_rank",
 )
 """Dense inputs of the ranker, in column order."""
+
+CF_SCORE_COLUMN: Final = DENSE_FEATURES.index("cf_score")
+TWO_TOWER_SCORE_COLUMN: Final = DENSE_FEATURES.index("two_tower_score")
+"""Column of the EASE score, which also feeds the click and like logits directly (the residual)."""
 
 RANKER_INPUTS: Final = ("user_embedding", "item_embedding", "dense", "surface", "device", "hour")
 """Input columns of :class:`MultiTaskRanker`."""
 
 LABELS: Final = ("click", "like", "purchase", "watch_log1p")
 """Label columns of ranker examples (``watch_log1p`` is the target of the ``watch_time`` head)."""
+
+MIN_DENSE_STD: Final = 1e-3
+"""Floor of the dense features' standard deviations; a column at the floor was constant in training
+and is held at its training mean when scoring."""
 
 HOURS: Final = 25
 """Hour-of-day embedding rows: 0 for unknown, then hours 0-23 as 1-24."""
@@ -270,6 +280,8 @@ class RankerFeatureBuilder:
         surface: IntArray,
         device: IntArray,
         hour: IntArray,
+        cf_score: FloatArray | None = None,
+        cf_rank: FloatArray | None = None,
     ) -> dict[str, npt.NDArray[np.generic]]:
         """The ranker inputs of a batch of (user, candidate) pairs.
 
@@ -280,6 +292,10 @@ class RankerFeatureBuilder:
             surface: ``(batch,)`` surface vocabulary indices.
             device: ``(batch,)`` device vocabulary indices.
             hour: ``(batch,)`` hour indices (:func:`hour_of_day`; 0 unknown).
+            cf_score: ``(batch,)`` EASE score of each candidate for its user (zeros when the
+                release has no collaborative model).
+            cf_rank: ``(batch,)`` 1-based rank of each candidate in its user's EASE order over
+                the catalog (read as ``log1p``; zeros without a collaborative model).
 
         Returns:
             Columns named as :data:`RANKER_INPUTS`.
@@ -310,6 +326,8 @@ class RankerFeatureBuilder:
                 self.stats.ctr[candidate_rows],
                 self.stats.like_rate[candidate_rows],
                 (self.items.id_index[candidate_rows] > UNKNOWN).astype(np.float32),
+                np.zeros(batch, dtype=np.float32) if cf_score is None else cf_score,
+                np.zeros(batch, dtype=np.float32) if cf_rank is None else np.log1p(cf_rank),
             ],
             axis=1,
         ).astype(np.float32)
@@ -369,6 +387,15 @@ class MultiTaskRanker(nn.Module):
             width = size
         self.bottom = nn.Sequential(*layers)
         self.heads = nn.ModuleDict({name: nn.Linear(width, 1) for name in HEADS})
+        # The standardised EASE score goes straight into the click and like logits with a learned
+        # weight. With the listwise objective the heads start at zero, so the untrained ranker
+        # orders candidates exactly as EASE does and training can only move it from there.
+        self.cf_weight = nn.Parameter(torch.tensor(float(config.cf_residual)))
+        if config.objective == "listwise":
+            for head in self.heads.values():
+                assert isinstance(head, nn.Linear)
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
 
     def set_dense_statistics(self, dense: FloatArray) -> None:
         """Fix the standardisation of the dense features from training examples."""
@@ -376,7 +403,7 @@ class MultiTaskRanker(nn.Module):
             f"dense must be (n, {len(DENSE_FEATURES)}), got {dense.shape}"
         )
         mean = torch.as_tensor(dense.mean(axis=0), dtype=torch.float32)
-        std = torch.as_tensor(dense.std(axis=0), dtype=torch.float32).clamp(min=1e-3)
+        std = torch.as_tensor(dense.std(axis=0), dtype=torch.float32).clamp(min=MIN_DENSE_STD)
         self.dense_mean.copy_(mean)
         self.dense_std.copy_(std)
 
@@ -392,6 +419,15 @@ class MultiTaskRanker(nn.Module):
         """
         user, item = batch["user_embedding"], batch["item_embedding"]
         dense = (batch["dense"] - self.dense_mean) / self.dense_std
+        # A column that never varied in training taught the model nothing, yet at serving it can
+        # carry values the network never saw (the EASE columns of a ranker trained on examples
+        # without them become thousands of standard deviations wide). It stays at its training value.
+        dense = dense * (self.dense_std > MIN_DENSE_STD).to(dense.dtype)
+        if not self.config.reads_two_tower():
+            user, item = torch.zeros_like(user), torch.zeros_like(item)
+            keep = torch.ones(dense.shape[-1], dtype=dense.dtype)
+            keep[TWO_TOWER_SCORE_COLUMN] = 0.0
+            dense = dense * keep
         features = torch.cat(
             [
                 user,
@@ -405,7 +441,11 @@ class MultiTaskRanker(nn.Module):
             dim=-1,
         )
         hidden = self.bottom(features)
-        return {name: head(hidden).squeeze(-1) for name, head in self.heads.items()}
+        outputs = {name: head(hidden).squeeze(-1) for name, head in self.heads.items()}
+        residual = self.cf_weight * dense[..., CF_SCORE_COLUMN]
+        outputs["click"] = outputs["click"] + residual
+        outputs["like"] = outputs["like"] + residual
+        return outputs
 
 
 class MultiTaskTask(nn.Module):
@@ -432,12 +472,94 @@ class MultiTaskTask(nn.Module):
         return total, {name: value.item() for name, value in parts.items()}
 
 
+def softmax_list_loss(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
+    """Softmax cross-entropy of each list's positives against the whole list, averaged over lists.
+
+    Args:
+        logits: ``(lists, size)`` scores.
+        labels: ``(lists, size)`` 0/1 relevance.
+        mask: ``(lists, size)`` 1 for real candidates, 0 for padding.
+
+    Returns:
+        The mean over lists with at least one positive (0 when none has).
+    """
+    real = mask > 0
+    log_p = torch.log_softmax(logits.masked_fill(~real, -1e9), dim=1)
+    target = labels.float() * real.float()
+    count = target.sum(dim=1)
+    per_list = -(target * log_p).sum(dim=1) / count.clamp(min=1.0)
+    has = count > 0
+    return per_list[has].mean() if bool(has.any()) else logits.sum() * 0.0
+
+
+class ListwiseTask(nn.Module):
+    """Listwise click and like heads over candidate lists, with the other heads pointwise.
+
+    The click and like heads get :func:`softmax_list_loss` on their labels plus
+    ``pointwise_weight`` times binary cross-entropy (which fixes the level of the logits, so the
+    heads stay probabilities); purchase gets binary cross-entropy and watch time squared error, on
+    real candidates only.
+    """
+
+    def __init__(self, pointwise_weight: float) -> None:
+        """Configure the task.
+
+        Args:
+            pointwise_weight: Weight of the calibrating binary cross-entropy.
+        """
+        super().__init__()
+        self.pointwise_weight = pointwise_weight
+
+    def forward(
+        self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]
+    ) -> tuple[Tensor, dict[str, float]]:
+        """The loss of a batch of lists.
+
+        Args:
+            outputs: The ranker's outputs, each ``(lists, size)``.
+            labels: :data:`LABELS` and ``mask``, each ``(lists, size)``.
+
+        Returns:
+            The total loss and each part's value.
+        """
+        mask = labels["mask"].float()
+        real = mask.sum().clamp(min=1.0)
+
+        def bce(name: str) -> Tensor:
+            raw = F.binary_cross_entropy_with_logits(outputs[name], labels[name].float(), reduction="none")
+            return (raw * mask).sum() / real
+
+        parts = {
+            f"list_{name}": softmax_list_loss(outputs[name], labels[name], mask) for name in ("click", "like")
+        }
+        for name in BINARY_HEADS:
+            weight = self.pointwise_weight if name in ("click", "like") else 1.0
+            parts[f"bce_{name}"] = weight * bce(name)
+        error = (outputs["watch_time"] - labels["watch_log1p"].float()) ** 2
+        parts["watch_time"] = (error * mask).sum() / real
+        total = torch.stack(list(parts.values())).sum()
+        return total, {name: value.item() for name, value in parts.items()}
+
+
 def _tensors(arrays: Mapping[str, npt.NDArray[np.generic]]) -> dict[str, Tensor]:
     out = {}
     for name, values in arrays.items():
         dtype = torch.int64 if np.issubdtype(values.dtype, np.integer) else torch.float32
         out[name] = torch.as_tensor(np.asarray(values), dtype=dtype)
     return out
+
+
+def watch_scale_of(watch_log1p: npt.NDArray[np.floating[Any]]) -> float:
+    """Mean ``log1p`` watch time over the examples with any watch time (1 when there are none).
+
+    Args:
+        watch_log1p: The ``watch_log1p`` labels of the ranker's training examples.
+
+    Returns:
+        The scale :meth:`RankerServing.relative_watch` divides the watch head by.
+    """
+    watched = watch_log1p[watch_log1p > 0]
+    return float(watched.mean()) if len(watched) else 1.0
 
 
 class RankerServing:
@@ -454,6 +576,7 @@ class RankerServing:
         model: MultiTaskRanker,
         builder: RankerFeatureBuilder,
         surface_weights: Mapping[str, HeadWeights],
+        watch_scale: float = 1.0,
     ) -> None:
         """Wrap a trained model.
 
@@ -461,8 +584,12 @@ class RankerServing:
             model: The trained ranker (unwrapped from DDP).
             builder: Features of the same release.
             surface_weights: Head weights per surface; must hold ``default``.
+            watch_scale: Typical ``log1p`` watch time of a watched item (:func:`watch_scale_of`):
+                the watch head is divided by it before weighting.
         """
         assert "default" in surface_weights, "surface_weights needs a 'default' entry"
+        assert watch_scale > 0, "watch_scale must be positive"
+        self.watch_scale = float(watch_scale)
         self.model = model.eval()
         self.builder = builder
         self.surface_weights = dict(surface_weights)
@@ -482,6 +609,14 @@ class RankerServing:
                 out[name][start : start + batch_size] = values.numpy()
         return out
 
+    def relative_watch(self, watch_log1p: FloatArray) -> FloatArray:
+        """The watch head in units of a typical watch, comparable with the heads' probabilities.
+
+        The head predicts ``log1p`` seconds (5-9 for minutes of video) while the other heads are
+        probabilities below 1; weighted as they are, the watch head would rank by item length.
+        """
+        return np.asarray(watch_log1p / self.watch_scale, dtype=np.float32)
+
     def combine(self, predictions: Mapping[str, FloatArray], surface: str) -> FloatArray:
         """The final score of each row on a surface: the weighted sum of the head outputs."""
         weights = self.surface_weights.get(surface, self.surface_weights["default"])
@@ -489,7 +624,7 @@ class RankerServing:
             weights.click * predictions["click"]
             + weights.like * predictions["like"]
             + weights.purchase * predictions["purchase"]
-            + weights.watch_time * predictions["watch_time"],
+            + weights.watch_time * self.relative_watch(predictions["watch_time"]),
             dtype=np.float32,
         )
 
@@ -502,6 +637,8 @@ class RankerServing:
         surface: str = "default",
         device: str | None = None,
         hour: int | None = None,
+        cf_score: FloatArray | None = None,
+        cf_rank: FloatArray | None = None,
     ) -> FloatArray:
         """Score one user's candidates.
 
@@ -512,6 +649,8 @@ class RankerServing:
             surface: Request surface (weights and the surface embedding).
             device: Device class, if known.
             hour: UTC hour of day (0-23), if known.
+            cf_score: EASE score of each candidate (see :meth:`RankerFeatureBuilder.build`).
+            cf_rank: EASE rank of each candidate.
 
         Returns:
             One score per candidate, same order; higher is better.
@@ -525,6 +664,8 @@ class RankerServing:
             np.full(n_rows, vocabularies.surface.index(surface), dtype=np.int64),
             np.full(n_rows, vocabularies.device.index(device), dtype=np.int64),
             np.full(n_rows, 0 if hour is None else hour + 1, dtype=np.int64),
+            cf_score,
+            cf_rank,
         )
         return self.combine(self.predict(inputs), surface)
 
@@ -537,6 +678,7 @@ class RankerServing:
             "config": self.model.config.model_dump(mode="json"),
             "sizes": asdict(self.model.sizes),
             "surface_weights": {k: v.model_dump() for k, v in self.surface_weights.items()},
+            "watch_scale": self.watch_scale,
         }
         (root / MODEL_FILE).write_text(json.dumps(shape, indent=2))
 
@@ -556,4 +698,4 @@ class RankerServing:
         model = MultiTaskRanker(RankerConfig.model_validate(shape["config"]), RankerSizes(**shape["sizes"]))
         model.load_state_dict(torch.load(root / WEIGHTS_FILE, map_location="cpu", weights_only=True))
         weights = {k: HeadWeights.model_validate(v) for k, v in shape["surface_weights"].items()}
-        return cls(model, builder, weights)
+        return cls(model, builder, weights, float(shape.get("watch_scale", 1.0)))

@@ -11,6 +11,7 @@ Files of a bundle (all paths relative to the bundle root):
 ``item_similarity.parquet``    top-K similar items per item (``retrieval.ItemSimilarityTable``)
 ``item_stats.parquet``         popularity, CTR and like rate per item (ranker inputs)
 ``ranker.pt``/``.json``        ranker weights, shape and per-surface head weights
+``cf_ease.npy``                EASE weights over the item rows (catalogs of at most 10,000 items)
 ``feature_set.json``           the request-time inputs the models consume, by name
 ``evaluation.json``            the comparison table of the run (``ComparisonReport``)
 =============================  ==================================================================
@@ -30,6 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from retrieval import ExactIndex, ItemSimilarityTable, ScannIndex, load_item_index
+from training.collaborative import CF_FILE, CollaborativeModel
 from training.encoding import ItemFeatures, Vocabularies
 from training.ranker import ITEM_STATS_FILE, ItemStats, RankerFeatureBuilder, RankerServing, SimilarityLookup
 from training.registry import Bundle
@@ -76,6 +78,8 @@ class Release:
         index: ANN or exact index over ``item_embeddings`` (same row order).
         item_similarity: Top-K similar items per item.
         ranker: Multi-task ranker, or ``None`` for a retrieval-only release.
+        collaborative: EASE over the item rows (candidates and ranker features), or ``None``
+            when the catalog is too large for it or it was turned off.
     """
 
     version: str
@@ -86,6 +90,7 @@ class Release:
     index: ExactIndex | ScannIndex
     item_similarity: ItemSimilarityTable
     ranker: RankerServing | None
+    collaborative: CollaborativeModel | None = None
 
     def save(self, directory: str | Path) -> None:
         """Write every file of the release into a directory (the input of ``ModelRegistry.register``)."""
@@ -100,6 +105,8 @@ class Release:
         if self.ranker is not None:
             self.ranker.builder.stats.save(root / ITEM_STATS_FILE)
             self.ranker.save(root)
+        if self.collaborative is not None:
+            self.collaborative.save(root)
         (root / FEATURE_SET).write_text(json.dumps(list(FEATURE_SET_NAMES), indent=2))
 
 
@@ -142,4 +149,5 @@ def load_release(bundle: Bundle) -> Release:
         index=load_item_index(bundle.path(INDEX_DIR)),
         item_similarity=similarity,
         ranker=ranker,
+        collaborative=CollaborativeModel.load(bundle.path(CF_FILE)) if bundle.has(CF_FILE) else None,
     )

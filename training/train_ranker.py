@@ -44,9 +44,11 @@ from training.datasets import TrainingData, held_out_pairs
 from training.evaluation.metrics import auc
 from training.ranker import (
     BINARY_HEADS,
+    DENSE_FEATURES,
     LABELS,
     RANKER_INPUTS,
     ItemStats,
+    ListwiseTask,
     MultiTaskRanker,
     MultiTaskTask,
     RankerFeatureBuilder,
@@ -81,13 +83,16 @@ class RankerExamples:
         inputs: Columns named as :data:`~training.ranker.RANKER_INPUTS`.
         labels: Columns named as :data:`~training.ranker.LABELS`.
         user_index: User vocabulary index of each example (for the user-level validation split).
-        source: ``impressions`` or ``sampled``.
+        source: ``impressions``, ``sampled`` or ``lists`` (out-of-fold candidate lists).
+        list_size: For ``lists``: rows come in consecutive lists of this many (padding rows
+            have ``labels["mask"] == 0``), and every list belongs to one user.
     """
 
     inputs: dict[str, npt.NDArray[Any]]
     labels: dict[str, npt.NDArray[Any]]
     user_index: IntArray
-    source: Literal["impressions", "sampled"]
+    source: Literal["impressions", "sampled", "lists"]
+    list_size: int | None = None
 
     def __len__(self) -> int:
         return len(self.user_index)
@@ -99,6 +104,7 @@ class RankerExamples:
             labels={k: v[rows] for k, v in self.labels.items()},
             user_index=self.user_index[rows],
             source=self.source,
+            list_size=self.list_size,
         )
 
     def split_by_user(
@@ -117,7 +123,20 @@ class RankerExamples:
 
     def positive_rates(self) -> dict[str, float]:
         """Share of positive labels per binary head."""
-        return {name: float(np.mean(self.labels[name])) if len(self) else 0.0 for name in BINARY_HEADS}
+        real = self.labels["mask"] > 0 if "mask" in self.labels else np.ones(len(self), dtype=bool)
+        return {name: float(np.mean(self.labels[name][real])) if real.any() else 0.0 for name in BINARY_HEADS}
+
+    def real(self) -> RankerExamples:
+        """The rows that are not list padding, as plain examples."""
+        if "mask" not in self.labels:
+            return self
+        keep = self.labels["mask"] > 0
+        return RankerExamples(
+            inputs={k: v[keep] for k, v in self.inputs.items()},
+            labels={k: v[keep] for k, v in self.labels.items() if k != "mask"},
+            user_index=self.user_index[keep],
+            source=self.source,
+        )
 
     def to_dataset(self, rows_per_block: int = 65_536) -> ray.data.Dataset:
         """A Ray dataset with one column per input and label (2-D columns as tensor columns)."""
@@ -125,8 +144,14 @@ class RankerExamples:
         from ray.data.extensions import ArrowTensorArray
 
         columns = {**self.inputs, **self.labels}
+        if self.list_size is not None:
+            # One dataset row per list, so shuffling and sharding never split a list.
+            size = self.list_size
+            columns = {name: v.reshape(len(v) // size, size, *v.shape[1:]) for name, v in columns.items()}
+            rows_per_block = max(1, rows_per_block // size)
+        n_rows = len(next(iter(columns.values())))
         tables = []
-        for start in range(0, max(len(self), 1), rows_per_block):
+        for start in range(0, max(n_rows, 1), rows_per_block):
             chunk = {}
             for name, values in columns.items():
                 part = values[start : start + rows_per_block]
@@ -216,13 +241,25 @@ def pair_labels(data: TrainingData, *, min_watch_s: float) -> PairLabels:
     )
 
 
-def item_statistics(data: TrainingData) -> ItemStats:
-    """Popularity, CTR and like rate of every catalog item from the cleaned events.
+def item_statistics(data: TrainingData, exclude_keys: IntArray | None = None) -> ItemStats:
+    """Popularity, CTR and like rate of every catalog item from the training events.
 
-    Exposures are ``view`` events, or clicks where an item has more clicks than views (sources that
-    log no views), so a rate never exceeds one.
+    Events of held-out evaluation pairs (validation and test) never count: a rate that saw them
+    would carry the answers into the ranker's features. Exposures are ``view`` events, or clicks
+    where an item has more clicks than views (sources that log no views), so a rate never exceeds
+    one.
+
+    Args:
+        data: Training data.
+        exclude_keys: Further ``user_index * catalog_size + row`` pairs whose events do not count
+            (the held-out fold of the listwise lists), sorted.
+
+    Returns:
+        The statistics, aligned with the catalog rows.
     """
     events = data.event_table
+    pairs = pc.binary_join_element_wise(events.column("user_id"), events.column("item_id"), "\x1f")
+    events = events.filter(pc.invert(pc.is_in(pairs, value_set=held_out_pairs(data.split))))
     rows = data.items.positions(events.column("item_id").combine_chunks())
     kinds = np.asarray(events.column("event_type").to_pylist(), dtype=np.str_)
     n_items = len(data.items)
@@ -232,12 +269,86 @@ def item_statistics(data: TrainingData) -> ItemStats:
         mask = known & (kinds == kind)
         return np.bincount(rows[mask], minlength=n_items).astype(np.int64)
 
+    if exclude_keys is not None and len(exclude_keys):
+        users = data.vocabularies.user.lookup(events.column("user_id"))
+        keys = users * n_items + rows
+        at = np.minimum(np.searchsorted(exclude_keys, keys), len(exclude_keys) - 1)
+        known &= exclude_keys[at] != keys
+
     clicks = count(EventType.CLICK.value)
     views = np.maximum(count(EventType.VIEW.value), clicks)
     positives = np.zeros(n_items, dtype=np.int64)
     with_id = data.items.id_index > 0
     positives[with_id] = data.item_counts[data.items.id_index[with_id]]
+    if exclude_keys is not None and len(exclude_keys):
+        positives = np.maximum(positives - np.bincount(exclude_keys % n_items, minlength=n_items), 0)
     return ItemStats.from_counts(data.items.item_ids, positives, views, clicks, count(EventType.LIKE.value))
+
+
+def counts_before(event_rows: IntArray, event_ts: IntArray, rows: IntArray, ts_us: IntArray) -> IntArray:
+    """How many of the events fall on each queried catalog row strictly before each queried time.
+
+    Args:
+        event_rows: Catalog row of each event.
+        event_ts: Time of each event.
+        rows: Queried rows.
+        ts_us: Queried times.
+
+    Returns:
+        One count per query.
+    """
+    order = np.lexsort((event_ts, event_rows))
+    event_rows, event_ts = event_rows[order], event_ts[order]
+    # Ranks of all timestamps in one ordering let (row, time) pairs be compared as one integer.
+    all_times = np.unique(np.concatenate([event_ts, ts_us]))
+    scale = len(all_times) + 1
+    combined = event_rows * scale + np.searchsorted(all_times, event_ts)
+    query = rows * scale + np.searchsorted(all_times, ts_us)
+    start = np.searchsorted(event_rows, rows, side="left")
+    return (np.searchsorted(combined, query, side="left") - start).astype(np.int64)
+
+
+def item_statistics_at(
+    data: TrainingData, positives: Mapping[str, IntArray], rows: IntArray, ts_us: IntArray
+) -> ItemStats:
+    """The statistics of :func:`item_statistics` as they stood when each impression was served.
+
+    An impression's own outcome, and everything after it, must not reach its features: computed
+    from all training events, an item's CTR and popularity contain the very clicks the ranker is
+    asked to predict, so training finds them far more telling than they are for a fresh request,
+    where they hold only the past.
+
+    Args:
+        data: Training data.
+        positives: Two-tower rows as numpy columns (``item_index``, ``ts_us``).
+        rows: Catalog row of each impression.
+        ts_us: When each impression was served.
+
+    Returns:
+        One entry per impression (not per catalog row), in the order given.
+    """
+    events = data.event_table
+    pairs = pc.binary_join_element_wise(events.column("user_id"), events.column("item_id"), "\x1f")
+    events = events.filter(pc.invert(pc.is_in(pairs, value_set=held_out_pairs(data.split))))
+    event_rows = data.items.positions(events.column("item_id").combine_chunks())
+    event_ts = np.asarray(events.column("ts").cast(pa.int64()).to_numpy(), dtype=np.int64)
+    kinds = np.asarray(events.column("event_type").to_pylist(), dtype=np.str_)
+    known = event_rows >= 0
+
+    def count(kind: str) -> IntArray:
+        mask = known & (kinds == kind)
+        return counts_before(event_rows[mask], event_ts[mask], rows, ts_us)
+
+    positive_rows = data.items.rows_of_id_index(len(data.vocabularies.item))[positives["item_index"]]
+    in_catalog = positive_rows >= 0
+    clicks = count(EventType.CLICK.value)
+    return ItemStats.from_counts(
+        data.items.item_ids[rows],
+        counts_before(positive_rows[in_catalog], positives["ts_us"][in_catalog], rows, ts_us),
+        np.maximum(count(EventType.VIEW.value), clicks),
+        clicks,
+        count(EventType.LIKE.value),
+    )
 
 
 # -- histories and embeddings ------------------------------------------------------------------
@@ -331,7 +442,8 @@ def sampled_examples(
     """Positives plus negatives sharing each positive's user and context.
 
     Negatives are drawn in proportion to popularity^0.75, and a ``hard_negative_share`` of them from
-    the user's two-tower top ``hard_negative_pool``. Pairs held out for evaluation are never used.
+    the user's two-tower top ``hard_negative_pool``. The sampler never reads the held-out pairs
+    (a held-out item drawn as a negative stays a negative, as it would be in production).
 
     Args:
         data: Training data.
@@ -372,15 +484,8 @@ def sampled_examples(
     user_index = positive_user[example_of]
     is_positive = np.zeros(len(candidate_rows), dtype=bool)
     is_positive[::repeat] = True
-    # A held-out pair used as a negative would teach the ranker to bury exactly the test items.
-    held_out = np.isin(user_index * len(builder.items) + candidate_rows, held_out_keys(data))
-    usable = is_positive | ~held_out
-    example_of, candidate_rows, user_index, is_positive = (
-        example_of[usable],
-        candidate_rows[usable],
-        user_index[usable],
-        is_positive[usable],
-    )
+    # Negatives are drawn without looking at the held-out pairs: a sampler that skipped them would
+    # know the answers, which serving never does, and inflate every offline figure.
     inputs = builder.build(
         user_embeddings[example_of],
         user_columns["history"][example_of],
@@ -446,6 +551,9 @@ def impression_examples(
         np.zeros(len(rows), dtype=np.int64),
         hour_of_day(served),
     )
+    stats = item_statistics_at(data, positives, rows, served)
+    for name in ("log_popularity", "ctr", "like_rate"):
+        inputs["dense"][:, DENSE_FEATURES.index(name)] = getattr(stats, name)
     return RankerExamples(inputs=inputs, labels=labels, user_index=users, source="impressions")
 
 
@@ -525,12 +633,14 @@ class RankerJob:
         sizes: Input sizes.
         dense: A sample of the training dense features, to fix their standardisation.
         validation: Held-out examples for AUC per head (rank 0 only), or ``None``.
+        list_size: Candidates per list when the examples are lists (listwise objective).
     """
 
     config: RankerConfig
     sizes: RankerSizes
     dense: FloatArray
     validation: RankerExamples | None = None
+    list_size: int | None = None
 
 
 def _model(job: RankerJob) -> MultiTaskRanker:
@@ -580,7 +690,7 @@ def _to_tensors(arrays: Mapping[str, npt.NDArray[Any]]) -> dict[str, Tensor]:
 
 def ranker_epoch(
     model: torch.nn.Module,
-    task: MultiTaskTask,
+    task: MultiTaskTask | ListwiseTask,
     optimizer: torch.optim.Optimizer,
     batches: Iterable[Mapping[str, Tensor]],
 ) -> tuple[float, int, int, float]:
@@ -589,14 +699,21 @@ def ranker_epoch(
     loss_sum, steps, rows = 0.0, 0, 0
     started = time.perf_counter()
     for batch in batches:
-        outputs = model({name: batch[name] for name in RANKER_INPUTS})
-        loss, _ = task(outputs, {name: batch[name] for name in LABELS})
+        if "mask" in batch:
+            # Lists arrive as (lists, size, ...): scored flat, judged per list.
+            shape = batch["mask"].shape
+            flat = {name: batch[name].flatten(0, 1) for name in RANKER_INPUTS}
+            outputs = {name: value.view(shape) for name, value in model(flat).items()}
+            loss, _ = task(outputs, {name: batch[name] for name in (*LABELS, "mask")})
+        else:
+            outputs = model({name: batch[name] for name in RANKER_INPUTS})
+            loss, _ = task(outputs, {name: batch[name] for name in LABELS})
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         loss_sum += loss.item()
         steps += 1
-        rows += len(batch["dense"])
+        rows += int(batch["mask"].sum().item()) if "mask" in batch else len(batch["dense"])
     return loss_sum, steps, rows, time.perf_counter() - started
 
 
@@ -617,14 +734,20 @@ def ranker_loop_per_worker(config: dict[str, Any]) -> None:
     model = _model(job)
     wrapped = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.Adam(wrapped.parameters(), lr=job.config.lr)
-    task = MultiTaskTask()
+    task: MultiTaskTask | ListwiseTask = (
+        ListwiseTask(job.config.pointwise_weight) if job.list_size is not None else MultiTaskTask()
+    )
+    # A dataset row is a whole list when training listwise; the batch keeps about as many candidates.
+    batch_size = (
+        max(1, job.config.batch_size // job.list_size) if job.list_size is not None else job.config.batch_size
+    )
     shard = ray.train.get_dataset_shard("train")
     assert shard is not None, "TorchTrainer was started without a 'train' dataset"
     history: list[dict[str, float]] = []
     for epoch in range(1, job.config.epochs + 1):
         batches = shard.iter_torch_batches(
-            batch_size=job.config.batch_size,
-            local_shuffle_buffer_size=job.config.batch_size * 8,
+            batch_size=batch_size,
+            local_shuffle_buffer_size=batch_size * 8,
             local_shuffle_seed=job.config.seed * 1000 + epoch * 10 + rank,
             drop_last=True,
         )

@@ -14,6 +14,7 @@ import pytest
 
 from cluster.cli import main
 from core.lake import Lake
+from core.settings import Settings
 from training.config import TrainConfig
 from training.pipeline import TrainingRun, run_training
 from training.registry import ModelRegistry
@@ -84,11 +85,16 @@ def _world(home: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def trained(
-    ray_session: None, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Path, dict[str, str], TrainingRun, float]:
+def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     home = tmp_path_factory.mktemp("home")
-    facts = _world(home)
+    return home, _world(home)
+
+
+@pytest.fixture(scope="module")
+def trained(
+    ray_session: None, world: tuple[Path, dict[str, str]]
+) -> tuple[Path, dict[str, str], TrainingRun, float]:
+    home, facts = world
     started = time.perf_counter()
     run = run_training(TrainConfig.smoke_test(), home=str(home))
     return home, facts, run, time.perf_counter() - started
@@ -103,8 +109,15 @@ def test_smoke_training_registers_a_bundle_with_metrics(trained) -> None:
     assert registry.resolve("candidate") == run.bundle.version
     manifest = registry.show(run.bundle.version)
     rows = manifest.metrics["evaluation"]["rows"]
-    assert {"two_tower", "two_tower@100+ranker", "most_pop", "item_knn", "ease"} <= set(rows)
+    assert {"two_tower", "two_stage", "most_pop", "item_knn", "ease"} <= set(rows)
     assert 0.0 <= rows["two_tower"]["Recall@20"] <= 1.0
+    # The tiny catalog is far below the dense limit: the bundle carries EASE and uses it.
+    assert manifest.metrics["collaborative"]["shipped"] is True
+    assert "cf_ease.npy" in manifest.files
+    assert 0.0 < manifest.metrics["candidate_recall@100"] <= 1.0
+    interval = manifest.metrics["two_stage_minus_ease_ndcg@10"]
+    assert interval["low"] <= interval["mean"] <= interval["high"]
+    assert interval["users"] == rows["two_stage"]["users"]
     assert manifest.metrics["index"]["recall_at_100"] == pytest.approx(1.0)
     assert manifest.data.row_counts["clean_events"] == int(facts["clean_events"])
     assert manifest.data.file_counts["events"] > 0 and len(manifest.data.lake_files_sha256) == 64
@@ -138,6 +151,9 @@ def test_release_loads_and_serves(trained) -> None:
     history = release.two_tower.encode_history([items[:3]])[0]
     scores = release.ranker.score(user, history, release.items.positions(candidates), surface="home")
     assert scores.shape == (10,) and np.isfinite(scores).all()
+    assert release.collaborative is not None
+    assert release.collaborative.n_items == len(items)
+    np.testing.assert_array_equal(release.collaborative.weights, run.release.collaborative.weights)
 
 
 def test_promote_and_rollback_through_the_cli(trained, capsys, tmp_path: Path) -> None:
@@ -158,3 +174,76 @@ def test_promote_and_rollback_through_the_cli(trained, capsys, tmp_path: Path) -
     assert main(["models", "list", "--home", str(home)]) == 0
     out = capsys.readouterr().out
     assert f"{first}" in out and "production" in out
+
+
+def test_erasure_and_opt_out_through_the_api_reach_the_next_training_run(
+    ray_session: None, world: tuple[Path, dict[str, str]], redis_settings: Settings
+) -> None:
+    """``DELETE /api/users/{id}`` and ``PUT .../privacy`` go through the API, the change-log stream
+    and the lake writer into the lake; the next run's cleaning step drops the erased user's events
+    and the run keeps no profile of that user; the opt-out is in the users change-log the offline
+    jobs read (``features.offline`` keeps no behaviour features of such a user)."""
+    from fastapi.testclient import TestClient
+
+    from deployments.api.app import create_app
+    from deployments.api.services import ApiServices
+    from features.lake_writer import LakeWriter
+    from features.metrics import StreamMetrics
+    from features.redis_store import RedisStore
+    from training.datasets import build_training_data
+
+    home, facts = world
+    lake = Lake(str(home))
+    before = lake.read_deduped("events")
+    counts = (
+        before.group_by("user_id")
+        .aggregate([("event_id", "count")])
+        .sort_by([("event_id_count", "descending"), ("user_id", "ascending")])
+    )
+    erased, opted_out = [u for u in counts.column("user_id").to_pylist() if u != facts["erased_user"]][:2]
+    # Events of the removed item are dropped anyway; the erasure accounts for the rest.
+    erased_events = before.filter(
+        pc.and_(
+            pc.equal(before.column("user_id"), erased),
+            pc.not_equal(before.column("item_id"), facts["removed_item"]),
+        )
+    ).num_rows
+    assert erased_events > 0
+
+    settings = Settings.from_env(
+        None,
+        redis_url=redis_settings.redis_url,
+        namespace=f"{redis_settings.namespace}-erasure",
+        home=str(home),
+    )
+    services = ApiServices.from_settings(settings)
+    try:
+        with TestClient(create_app(services)) as client:
+            profile = client.put(f"/api/users/{opted_out}", json={"userId": opted_out, "region": "eu"})
+            assert profile.status_code == 200, profile.text
+            privacy = client.put(f"/api/users/{opted_out}/privacy", json={"personalization": False})
+            assert privacy.status_code == 200 and privacy.json()["personalization"] is False, privacy.text
+            erasure = client.delete(f"/api/users/{erased}")
+            assert erasure.status_code == 204, erasure.text
+            assert client.get(f"/api/users/{erased}").status_code == 404
+        store = RedisStore.from_settings(settings)
+        try:
+            LakeWriter(store, lake, "lake-0", metrics=StreamMetrics()).drain()
+        finally:
+            store.delete_namespace()
+            store.close()
+    finally:
+        services.close()
+
+    users = lake.read_latest("users")
+    latest = {row["user_id"]: row for row in users.to_pylist() if row["user_id"] in {erased, opted_out}}
+    assert latest[erased]["erased"] is True
+    assert latest[opted_out]["personalization"] is False and latest[opted_out]["erased"] is False
+
+    data = build_training_data(lake, TrainConfig.smoke_test().data)
+    clean_users = set(data.event_table.column("user_id").to_pylist())
+    assert erased not in clean_users and facts["erased_user"] not in clean_users
+    assert erased not in set(data.user_table.column("user_id").to_pylist())
+    assert erased not in data.vocabularies.user.values
+    # What was dropped is exactly the erased user's events (the earlier erasure stays dropped).
+    assert data.row_counts["clean_events"] == int(facts["clean_events"]) - erased_events

@@ -40,6 +40,7 @@ class StubHydrator:
 
 SOURCE_NAMES = (
     "two_tower_ann",
+    "collaborative",
     "item_to_item",
     "recently_viewed_related",
     "content",
