@@ -310,6 +310,13 @@ class ServedItem(Model):
     """Probability the serving policy had of putting this item at this position."""
 
 
+class ExperimentArm(Model):
+    """One experiment a served list was assigned in, and the arm."""
+
+    experiment_id: Label
+    arm: Label
+
+
 class RecommendationLogEntry(Model):
     """A served list (seed ``recommendation_log``): the join key between impressions and events."""
 
@@ -319,6 +326,9 @@ class RecommendationLogEntry(Model):
     items: Annotated[list[ServedItem], Field(max_length=1000)]
     model_version: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     experiment_id: Label | None = None
+    """The first experiment the list was assigned in (one per layer; see ``experiments``)."""
     arm: Label | None = None
+    experiments: Annotated[list[ExperimentArm], Field(max_length=64)] = Field(default_factory=list)
+    """Every experiment the list was assigned in, one per layer, in layer order."""
     fallback: Label | None = None
     served_at: Timestamp = Field(default_factory=utcnow)

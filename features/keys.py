@@ -148,6 +148,10 @@ class RedisKeys:
             raise ValueError(f"surface {surface!r} must be non-empty and hold no ':'")
         return f"{self._p}last-list:{surface}:{_entity('user', user_id)}"
 
+    def experiments(self) -> str:
+        """STRING: JSON of the whole experiment configuration (``policies.experiments.ExperimentSet``)."""
+        return f"{self._p}experiments"
+
     # Features.
 
     def features(self, entity_type: EntityType | str, entity_id: str) -> str:

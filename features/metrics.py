@@ -11,12 +11,19 @@ Label values are bounded: event types, consumer group names, stream kinds (``eve
 Stream lengths and consumer lag are facts about Redis, not about one process, so an exporter
 reads them when it is scraped (:func:`read_stream_status`) instead of trusting gauges that some
 consumer process last set.
+
+Inside a Ray worker (a Serve replica, the stream consumers' actors) the process registry is also
+mirrored into Ray's metrics (:class:`RayMetricsBridge`), which each node's metrics agent exports
+for Prometheus as ``ray_<name>``: one scrape target per node covers every replica and actor on
+it, however many there are and wherever Serve placed them.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -27,6 +34,8 @@ from redis.exceptions import ResponseError
 from core.tables import EDGES, ITEMS, USERS
 from features.keys import RedisKeys
 from features.stream_codec import entry_ms
+
+logger = logging.getLogger(__name__)
 
 BATCH_BUCKETS_S: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -96,12 +105,199 @@ _default_lock = threading.Lock()
 
 
 def default_metrics() -> StreamMetrics:
-    """The process-wide metrics on ``prometheus_client.REGISTRY``, created on first use."""
+    """The process-wide metrics on ``prometheus_client.REGISTRY``, created on first use.
+
+    In a Ray worker the registry is mirrored into Ray's metrics from then on (:func:`export_to_ray`).
+    """
     global _default
     with _default_lock:
         if _default is None:
             _default = StreamMetrics(REGISTRY)
-        return _default
+    export_to_ray(REGISTRY)
+    return _default
+
+
+# -- export through Ray's metrics agent -----------------------------------------------------------
+
+EXPORTED_PREFIX: Final = "rayrec_"
+"""Only the project's families are mirrored; Ray and Serve export their own."""
+RAY_EXPORT_INTERVAL_S: Final = 5.0
+"""How often the mirror pushes; Ray's agent exports what it holds every 10 s anyway."""
+
+_LabelKey = tuple[tuple[str, str], ...]
+
+
+def _bucket_points(bounds: list[float]) -> list[float]:
+    """A value inside each bucket (midpoints; past the last bound for ``+Inf``).
+
+    A midpoint lands in the same bucket whichever side of a boundary Ray's buckets include.
+    """
+    points: list[float] = []
+    lower = 0.0
+    for bound in bounds:
+        points.append((lower + bound) / 2.0 if bound > lower else bound)
+        lower = bound
+    points.append(lower * 1.5 + 1.0)
+    return points
+
+
+class RayMetricsBridge:
+    """Mirrors the ``rayrec_*`` families of a registry into ``ray.util.metrics``.
+
+    Counters are pushed as increments since the previous pass, gauges as their value, histograms
+    as one observation per new sample at a point inside its bucket (so bucket counts, hence
+    quantiles, are exact; ``_sum`` is approximated by those points). Ray's Prometheus names are
+    ``ray_`` followed by the names served at ``/metrics``.
+
+    Args:
+        registry: The registry to mirror.
+        interval_s: Seconds between passes of :meth:`start`'s thread.
+    """
+
+    def __init__(self, registry: CollectorRegistry, interval_s: float = RAY_EXPORT_INTERVAL_S) -> None:
+        self.registry = registry
+        self.interval_s = interval_s
+        self._metrics: dict[str, Any] = {}
+        self._counters: dict[tuple[str, _LabelKey], float] = {}
+        self._buckets: dict[tuple[str, _LabelKey], list[float]] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def _metric(self, kind: str, name: str, doc: str, labels: Iterable[str], bounds: list[float]) -> Any:
+        metric = self._metrics.get(name)
+        if metric is None:
+            from ray.util import metrics as ray_metrics
+
+            tags = tuple(sorted(labels))
+            if kind == "counter":
+                metric = ray_metrics.Counter(name, doc, tag_keys=tags)
+            elif kind == "gauge":
+                metric = ray_metrics.Gauge(name, doc, tag_keys=tags)
+            else:
+                metric = ray_metrics.Histogram(name, doc, boundaries=bounds, tag_keys=tags)
+            self._metrics[name] = metric
+        return metric
+
+    def push(self) -> int:
+        """Mirror the registry once.
+
+        Returns:
+            Samples pushed (increments, gauge values and observations).
+        """
+        pushed = 0
+        for family in self.registry.collect():
+            if not family.name.startswith(EXPORTED_PREFIX):
+                continue
+            # One family Ray refuses must not keep the others from being exported.
+            try:
+                if family.type == "counter":
+                    pushed += self._push_counter(family)
+                elif family.type == "gauge":
+                    pushed += self._push_gauge(family)
+                elif family.type == "histogram":
+                    pushed += self._push_histogram(family)
+            except Exception as exc:
+                logger.warning("metric %s not pushed to Ray: %s", family.name, exc)
+        return pushed
+
+    def _push_counter(self, family: Any) -> int:
+        pushed = 0
+        for sample in family.samples:
+            if sample.name != f"{family.name}_total":
+                continue
+            key = (family.name, tuple(sorted(sample.labels.items())))
+            delta = sample.value - self._counters.get(key, 0.0)
+            if delta > 0:
+                metric = self._metric("counter", family.name, family.documentation, sample.labels, [])
+                metric.inc(delta, tags=dict(sample.labels))
+                self._counters[key] = sample.value
+                pushed += 1
+        return pushed
+
+    def _push_gauge(self, family: Any) -> int:
+        for sample in family.samples:
+            metric = self._metric("gauge", family.name, family.documentation, sample.labels, [])
+            metric.set(sample.value, tags=dict(sample.labels))
+        return len(family.samples)
+
+    def _push_histogram(self, family: Any) -> int:
+        cumulative: dict[_LabelKey, list[tuple[float, float]]] = {}
+        for sample in family.samples:
+            if sample.name != f"{family.name}_bucket":
+                continue
+            le = float(sample.labels["le"])
+            if le <= 0:
+                # Ray takes positive boundaries only; the first positive bucket's cumulative
+                # count already holds these samples.
+                continue
+            labels = {k: v for k, v in sample.labels.items() if k != "le"}
+            cumulative.setdefault(tuple(sorted(labels.items())), []).append((le, sample.value))
+        pushed = 0
+        for label_key, rows in cumulative.items():
+            rows.sort()
+            bounds = [le for le, _ in rows if le != float("inf")]
+            counts = [c - (rows[i - 1][1] if i else 0.0) for i, (_, c) in enumerate(rows)]
+            key = (family.name, label_key)
+            previous = self._buckets.get(key, [0.0] * len(counts))
+            self._buckets[key] = counts
+            metric = self._metric("histogram", family.name, family.documentation, dict(label_key), bounds)
+            tags = dict(label_key)
+            for point, now, before in zip(_bucket_points(bounds), counts, previous, strict=True):
+                for _ in range(int(now - before)):
+                    metric.observe(point, tags=tags)
+                    pushed += 1
+        return pushed
+
+    def start(self) -> None:
+        """Push every ``interval_s`` from a daemon thread until :meth:`stop`."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="rayrec-ray-metrics", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread after its current pass."""
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.push()
+            except Exception as exc:  # a failed pass must not end the mirror; the next one retries
+                logger.warning("metrics not pushed to Ray: %s", exc)
+
+
+_bridges: dict[int, RayMetricsBridge] = {}
+
+
+def in_ray_worker() -> bool:
+    """Whether this process is a Ray worker (a replica or an actor), not a driver or a plain process."""
+    try:
+        import ray
+        from ray._private import worker
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return False
+    return bool(ray.is_initialized()) and worker.global_worker.mode == worker.WORKER_MODE
+
+
+def export_to_ray(registry: CollectorRegistry, *, force: bool = False) -> RayMetricsBridge | None:
+    """Start mirroring ``registry`` into Ray's metrics, once per registry and process.
+
+    Args:
+        registry: The registry to mirror.
+        force: Start even outside a Ray worker (a driver connected to Ray).
+
+    Returns:
+        The running bridge, or ``None`` outside a Ray worker.
+    """
+    if not (force or in_ray_worker()):
+        return None
+    with _default_lock:
+        bridge = _bridges.get(id(registry))
+        if bridge is None:
+            bridge = _bridges[id(registry)] = RayMetricsBridge(registry)
+            bridge.start()
+        return bridge
 
 
 def watched_streams(keys: RedisKeys) -> dict[str, str]:

@@ -95,8 +95,9 @@ class ArmOverrides(_Strict):
 
     bundle_version: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
     """Model bundle (registry version or alias) that scores this arm's requests."""
-    exploration_share: Annotated[float, Field(ge=0, le=1)] | None = None
-    """Share of list slots given to exploration items (seed section 14 suggests 0.1)."""
+    exploration_share: Annotated[float, Field(ge=0, lt=1)] | None = None
+    """Share of list slots given to exploration items (seed section 14 suggests 0.1); below 1, so
+    the ranked items keep a positive propensity."""
     diversity_strength: Annotated[float, Field(ge=0, le=1)] | None = None
     """Weight of the diversity re-ranker: 0 ranks by relevance alone, 1 by diversity alone."""
     sources: tuple[Name, ...] | None = None

@@ -5,7 +5,17 @@ from __future__ import annotations
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from deployments.api import catalog, controls, events, health, metrics, rate_limit, recommendations, refusals
+from deployments.api import (
+    catalog,
+    controls,
+    events,
+    experiments,
+    health,
+    metrics,
+    rate_limit,
+    recommendations,
+    refusals,
+)
 from deployments.api.body_stream import StreamedBodyLimit
 from deployments.api.errors import error_response, install_error_handlers
 from deployments.api.services import ApiServices
@@ -80,4 +90,5 @@ def create_app(services: ApiServices, *, stream_metrics: StreamMetrics | None = 
     app.include_router(controls.user_controls)
     app.include_router(recommendations.router)
     app.include_router(recommendations.admin)
+    app.include_router(experiments.admin)
     return app

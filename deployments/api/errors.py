@@ -37,6 +37,7 @@ _STATUS_ERRORS = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    409: "conflict",
     413: "payload_too_large",
     429: "rate_limited",
     503: "unavailable",

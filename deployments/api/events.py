@@ -24,6 +24,7 @@ from deployments.api.metrics import app_metrics
 from deployments.api.services import ApiServices
 from features.intake import IntakeResult, IntakeUnavailable
 from features.metrics import StreamMetrics
+from features.quality import default_quality_window
 
 MAX_BATCH_EVENTS = 1000
 
@@ -124,6 +125,7 @@ async def _accept(svc: ApiServices, metrics: StreamMetrics, events: Sequence[Use
         _count(metrics.events_rejected, types, exc.reason)
         raise
     _count(metrics.events_accepted, types)
+    default_quality_window().record_events(types)
     return result
 
 

@@ -12,8 +12,11 @@ One scrape reports three kinds of series:
   batches, entries, time spent processing, errors, whether the loop runs, and
   ``rayrec_consumer_stats_up``.
 
-Several replicas each report their own counters; sum them in queries. The Redis-backed series are
-the same from every replica, so take one (``max``) rather than summing them.
+The process registry also holds the read path's series (:mod:`deployments.recommender.metrics`).
+Behind the Serve proxy a scrape reaches one ingress replica, so with several replicas the
+counters and histograms are read from Ray's metrics export instead, where every replica mirrors
+them (:class:`features.metrics.RayMetricsBridge`); the Redis-backed series are the same from
+every replica, so any one scrape has them.
 """
 
 from __future__ import annotations

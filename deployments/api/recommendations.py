@@ -183,6 +183,41 @@ async def similar_items(
     return RecommendationResponse.of(await service.recommend(query))
 
 
+@admin.get("/debug/recommendations", responses=_REFUSALS)
+async def explain_recommendations(
+    service: Recommender,
+    user_id: OptionalUserIdQuery = None,
+    surface: Annotated[str, Query(min_length=1, max_length=64, description="A configured surface.")] = "home",
+    limit: LimitQuery = 20,
+    item_id: Annotated[
+        str | None,
+        Query(
+            alias="itemId", min_length=1, max_length=MAX_ID_LEN, pattern=_ID_PATTERN, description="Seed item."
+        ),
+    ] = None,
+    device: DeviceQuery = None,
+) -> dict[str, Any]:
+    """One request run through its surface's pipeline, explained stage by stage.
+
+    The answer lists the experiment assignment and the overrides applied, every stage in run
+    order with its candidates (sources, scores, scalar features once hydrated), the item ids each
+    filter removed, skipped sources with the reason, fallbacks, and the final items with
+    position, score, propensity and reason. Nothing is logged or served.
+    """
+    if surface not in service.surfaces:
+        raise _refused("surface", f"unknown surface; one of {sorted(service.surfaces)}", surface)
+    if item_id is None and _needs_seed(service, surface):
+        raise _refused("itemId", f"surface {surface!r} needs a seed item", None)
+    query = RecommendationQuery(
+        user_id=user_id,
+        surface=surface,
+        limit=limit,
+        item_id=item_id,
+        device=None if device is None else device.value,
+    )
+    return await service.explain(query)
+
+
 @admin.get("/serving")
 async def serving_status(service: Recommender) -> dict[str, Any]:
     """What this replica serves: model versions, the ranker's breaker, the log, latency medians."""

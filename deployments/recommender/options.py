@@ -37,6 +37,9 @@ class ServingOptions(BaseModel):
     catalog_refresh_s: Annotated[float, Field(gt=0)] = 60.0
     """How often the content index is rebuilt from the catalog."""
 
+    experiments_refresh_s: Annotated[float, Field(gt=0)] = 1.0
+    """How often the experiment configuration is re-read from Redis; a failed read keeps the last one."""
+
     last_list_entries: Annotated[int, Field(ge=1)] = 20_000
     """Users whose last list the replica keeps in memory, per surface together."""
 

@@ -1,8 +1,9 @@
 """Candidate-source adapters for the sources the ``retrieval`` deployment serves.
 
-A surface's model-backed sources (``two_tower_ann``, ``item_to_item``, ``recently_viewed_related``,
-``similar_items``) make ONE call per request, not one each: the first adapter the runner starts
-sends the request with every model source of the surface, the others await the same reply. A hop
+A surface's model-backed sources (``two_tower_ann``, ``collaborative``, ``item_to_item``,
+``recently_viewed_related``, ``similar_items``) make ONE call per request, not one each: the first
+adapter the runner starts sends the request with every model source of the surface, the others
+await the same reply. A hop
 costs a few milliseconds of latency and CPU on both sides; four parallel hops would cost four
 times the CPU for no latency gain.
 

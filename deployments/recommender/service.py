@@ -26,15 +26,18 @@ import asyncio
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
 
 from core.pipeline import PipelineResult, PipelineRunner, SurfacePipeline
-from core.schema import RecommendationLogEntry, ServedItem, utcnow
+from core.schema import ExperimentArm, RecommendationLogEntry, ServedItem, utcnow
 from core.stages import CandidateSource, FeatureHydrator, Scorer
 from core.types import Candidate, RequestContext
+from deployments.recommender.arms import ArmSurface, arm_surface
+from deployments.recommender.explain import Trace, candidate_view, traced_pipeline
 from deployments.recommender.metrics import ServingMetrics
 from deployments.recommender.options import ServingOptions
 from deployments.recommender.remote_ranker import RankerClient, RemoteRankerScorer
@@ -42,6 +45,7 @@ from deployments.recommender.remote_sources import RemoteRetrievalGroup
 from deployments.recommender.scopes import RequestScopes
 from deployments.wire import NO_MODEL, RankReply, RankRequest, RetrievalReply, RetrievalRequest
 from features.catalog_cache import CatalogCache
+from features.experiment_store import aload_experiments
 from features.hydration import ItemFeatureHydrator
 from features.last_served import LastServedLists, ServedEntry, ServedList
 from features.online_store import OnlineFeatureStore
@@ -53,6 +57,7 @@ from features.request_state import RequestStateLoader
 from features.serving_state_hydrator import ServingStateHydrator
 from features.user_context import positive_history
 from policies.circuit_breaker import CircuitBreaker
+from policies.experiments import ArmOverrides, Assignment, ExperimentSet, assign, merge_overrides
 from policies.surfaces import (
     ComponentRegistry,
     SourceConfig,
@@ -80,8 +85,17 @@ USER_FEATURES_UNAVAILABLE: Final = "user_features_unavailable"
 ANONYMOUS_USER: Final = "anonymous"
 """User id of requests that name no user (item pages seen logged out)."""
 
+MAX_ARM_PIPELINES: Final = 256
+"""Arm pipelines kept per replica; more distinct (surface, overrides) pairs than this start afresh."""
+
 POPULAR_REASON: Final = "Popular right now"
-MODEL_SOURCES: Final = ("two_tower_ann", "item_to_item", "recently_viewed_related", "similar_items")
+MODEL_SOURCES: Final = (
+    "two_tower_ann",
+    "collaborative",
+    "item_to_item",
+    "recently_viewed_related",
+    "similar_items",
+)
 """Sources served by the retrieval deployment (see :mod:`deployments.retrieval_model`)."""
 
 
@@ -170,6 +184,8 @@ class Recommendation:
         items: The list.
         skipped_sources: Sources skipped (late or failed), with the reason.
         total_ms: Time spent in the service.
+        assignments: Every experiment the request was assigned in, one per layer, in layer order;
+            ``experiment_id`` and ``arm`` are the first of them.
     """
 
     request_id: str
@@ -182,6 +198,28 @@ class Recommendation:
     items: list[RecommendedItem]
     skipped_sources: dict[str, str] = field(default_factory=dict)
     total_ms: float = 0.0
+    assignments: tuple[Assignment, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRequest:
+    """A request ready to run: its context, its experiment arms and the pipeline they select.
+
+    Attributes:
+        ctx: The request's context (experiment, arm and override parameters included).
+        pipeline: The surface's pipeline, or its arm's variant.
+        assignments: The user's experiment assignments.
+        overrides: Their merged overrides.
+        arm: How the overrides changed the surface; None when no override applies.
+        user_read_ok: Whether the user's profile and features could be read.
+    """
+
+    ctx: RequestContext
+    pipeline: SurfacePipeline
+    assignments: tuple[Assignment, ...]
+    overrides: ArmOverrides
+    arm: ArmSurface | None
+    user_read_ok: bool
 
 
 def _items_of(cands: list[Candidate]) -> list[RecommendedItem]:
@@ -257,7 +295,8 @@ class RecommendationService:
         self._log = RecommendationLog(store, max_stream_len=stream_max_len)
         self._cache = CatalogCache()
         self._content_index = ContentIndex.from_entries([])
-        self._content_sources: list[ContentSource] = []
+        # Weak: arm pipelines come and go with experiments, and their sources with them.
+        self._content_sources: weakref.WeakSet[ContentSource] = weakref.WeakSet()
         self._newest: list[str] = []
         self._state_loader = RequestStateLoader(store, self._cache)
         self._hydrators: dict[str, FeatureHydrator] = {
@@ -267,6 +306,8 @@ class RecommendationService:
         self.pipelines: dict[str, SurfacePipeline] = {
             name: build_pipeline(config, self._registry_for(config)) for name, config in self.surfaces.items()
         }
+        self.experiments = ExperimentSet()
+        self._arm_pipelines: dict[tuple[str, str], tuple[SurfacePipeline, ArmSurface]] = {}
         self._start_lock = asyncio.Lock()
         self._started = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -284,7 +325,7 @@ class RecommendationService:
 
         def content(spec: SourceConfig) -> CandidateSource:
             source = ContentSource(self._content_index, store, **limits(spec))
-            self._content_sources.append(source)
+            self._content_sources.add(source)
             return source
 
         sources: dict[str, Callable[[SourceConfig], CandidateSource]] = {
@@ -335,8 +376,10 @@ class RecommendationService:
                 return
             await self._refresh_catalog()
             await self._refresh_popular()
+            await self._refresh_experiments()
             self._spawn(self._every(self.options.catalog_refresh_s, self._refresh_catalog))
             self._spawn(self._every(self.options.popular_refresh_s, self._refresh_popular))
+            self._spawn(self._every(self.options.experiments_refresh_s, self._refresh_experiments))
             self._started = True
 
     async def _every(self, period_s: float, job: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -370,6 +413,14 @@ class RecommendationService:
         except Exception as exc:
             logger.warning("popular list not refreshed: %s", exc)
 
+    async def _refresh_experiments(self) -> None:
+        try:
+            registry = await aload_experiments(self._store)
+        except Exception as exc:  # Redis down or a bad value: keep serving the last good set
+            logger.warning("experiment configuration not refreshed: %s", exc)
+            return
+        self.experiments = registry.snapshot
+
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)
         # Held until done: the event loop keeps only weak references to tasks.
@@ -397,30 +448,13 @@ class RecommendationService:
             UnknownSurfaceError: The surface is not configured.
         """
         started = time.perf_counter()
-        config = self.surfaces.get(query.surface)
-        if config is None:
-            raise UnknownSurfaceError(f"unknown surface {query.surface!r}; served: {sorted(self.surfaces)}")
-        await self.start()
-        request_id = uuid.uuid4().hex
-        user_id = query.user_id or ANONYMOUS_USER
-        built = await self._contexts.build(
-            request_id=request_id,
-            user_id=user_id,
-            surface=query.surface,
-            limit=query.limit,
-            total_budget_ms=config.budgets.total_ms,
-            item_id=query.item_id,
-            device=query.device,
-            exclude_seen=query.exclude_seen,
-            read_user=query.user_id is not None,
-        )
-        ctx = built.ctx
+        prepared = await self.prepare(query)
+        ctx = prepared.ctx
+        request_id, user_id = ctx.request_id, ctx.user_id
         scope = self._scopes.open(request_id)
         result: PipelineResult | None = None
         try:
-            result = await self._runner.run(
-                self.pipelines[query.surface], ctx, self.metrics.observer(query.surface)
-            )
+            result = await self._runner.run(prepared.pipeline, ctx, self.metrics.observer(query.surface))
             if not result.candidates:
                 raise EmptyListError(f"surface {query.surface} produced no candidates")
         except Exception as exc:  # every failure of the pipeline has the same answer: a fallback
@@ -446,7 +480,7 @@ class RecommendationService:
             self.metrics.fallbacks.labels(query.surface, kind).inc()
             fallbacks.append(kind)
             skipped = {}
-        if not built.user_read_ok and query.user_id is not None:
+        if not prepared.user_read_ok and query.user_id is not None:
             self.metrics.fallbacks.labels(query.surface, USER_FEATURES_UNAVAILABLE).inc()
             fallbacks.append(USER_FEATURES_UNAVAILABLE)
 
@@ -462,10 +496,158 @@ class RecommendationService:
             items=items,
             skipped_sources=skipped,
             total_ms=total_ms,
+            assignments=prepared.assignments,
         )
         self._record(answer, scope.hop_ms, from_pipeline=result is not None)
+        self.metrics.served(answer, scope, self._content_index.entries, self._cache)
         self._after_serving(answer, _list_key(query, user_id), from_pipeline=result is not None, at=ctx)
         return answer
+
+    async def prepare(self, query: RecommendationQuery) -> PreparedRequest:
+        """Assign the request's experiment arms, build its context and pick its pipeline.
+
+        Args:
+            query: The validated request.
+
+        Returns:
+            The request ready for the runner.
+
+        Raises:
+            UnknownSurfaceError: The surface is not configured.
+        """
+        config = self.surfaces.get(query.surface)
+        if config is None:
+            raise UnknownSurfaceError(f"unknown surface {query.surface!r}; served: {sorted(self.surfaces)}")
+        await self.start()
+        assignments: tuple[Assignment, ...] = ()
+        overrides = ArmOverrides()
+        # Anonymous requests share one id: hashing it would put every logged-out visitor in one arm.
+        if query.user_id is not None and self.experiments.experiments:
+            assignments = tuple(assign(query.user_id, self.experiments, now=utcnow()))
+            overrides = merge_overrides(assignments)
+        first = assignments[0] if assignments else None
+        built = await self._contexts.build(
+            request_id=uuid.uuid4().hex,
+            user_id=query.user_id or ANONYMOUS_USER,
+            surface=query.surface,
+            limit=query.limit,
+            total_budget_ms=config.budgets.total_ms,
+            item_id=query.item_id,
+            device=query.device,
+            exclude_seen=query.exclude_seen,
+            read_user=query.user_id is not None,
+            params=overrides.as_params(),
+            experiment_id=None if first is None else first.experiment_id,
+            arm=None if first is None else first.arm,
+        )
+        pipeline, arm = self._pipeline_for(config, overrides)
+        return PreparedRequest(built.ctx, pipeline, assignments, overrides, arm, built.user_read_ok)
+
+    def _pipeline_for(
+        self, config: SurfaceConfig, overrides: ArmOverrides
+    ) -> tuple[SurfacePipeline, ArmSurface | None]:
+        """The surface's pipeline as the arm serves it, built once per (surface, overrides)."""
+        default = self.pipelines[config.name]
+        if not overrides.overridden():
+            return default, None
+        key = (config.name, overrides.model_dump_json())
+        cached = self._arm_pipelines.get(key)
+        if cached is not None:
+            return cached
+        try:
+            variant = arm_surface(config, overrides)
+            pipeline = (
+                default
+                if variant.config is config
+                else build_pipeline(variant.config, self._registry_for(variant.config))
+            )
+        except Exception as exc:  # a bad arm must not fail requests: its users get the default
+            logger.warning("arm overrides %s not applied on %s: %s", key[1], config.name, exc)
+            variant = ArmSurface(config, {}, {"*": f"{type(exc).__name__}: {exc}"})
+            pipeline = default
+        if len(self._arm_pipelines) >= MAX_ARM_PIPELINES:
+            self._arm_pipelines.clear()
+        self._arm_pipelines[key] = (pipeline, variant)
+        return pipeline, variant
+
+    async def explain(self, query: RecommendationQuery) -> dict[str, Any]:
+        """Run one request through its pipeline and report every stage (the debug route).
+
+        The request is prepared and run exactly as :meth:`recommend` would (same arms, same
+        pipeline, same budgets) through a traced copy of the pipeline; nothing is logged,
+        remembered or counted, since nothing is served.
+
+        Args:
+            query: The validated request.
+
+        Returns:
+            The request, its experiment assignments and overrides, the stages in order with their
+            candidates, the removals per filter, the skipped sources, the fallbacks and the
+            final items (position, score, propensity, reason, sources and scalar features);
+            ``error`` names the exception when the pipeline failed (a normal request would then
+            have served a fallback list).
+
+        Raises:
+            UnknownSurfaceError: The surface is not configured.
+        """
+        prepared = await self.prepare(query)
+        ctx = prepared.ctx
+        trace = Trace()
+        scope = self._scopes.open(ctx.request_id)
+        error: str | None = None
+        result: PipelineResult | None = None
+        try:
+            result = await self._runner.run(traced_pipeline(prepared.pipeline, trace), ctx)
+        except Exception as exc:  # reported, not raised: explaining a failure is the point
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._scopes.close(ctx.request_id)
+        arm = prepared.arm
+        final = [] if result is None else result.candidates
+        skipped = {} if result is None else result.skipped_sources
+        failed = {} if result is None else result.failed_stages
+        return {
+            "requestId": ctx.request_id,
+            "userId": ctx.user_id,
+            "surface": ctx.surface,
+            "limit": ctx.limit,
+            "itemId": ctx.item_id,
+            "device": ctx.device,
+            "personalization": ctx.personalization,
+            "modelVersion": scope.ranker_version or scope.retrieval_version or NO_MODEL,
+            "experiments": [
+                {
+                    "experiment": a.experiment_id,
+                    "layer": a.layer,
+                    "arm": a.arm,
+                    "overrides": a.overrides.model_dump(exclude_none=True),
+                }
+                for a in prepared.assignments
+            ],
+            "overrides": {
+                "params": dict(ctx.params),
+                "applied": {} if arm is None else arm.applied,
+                "ignored": {} if arm is None else arm.ignored,
+            },
+            "sources": [s.name for s in prepared.pipeline.sources],
+            "stages": trace.stages,
+            "removedByFilter": trace.removed,
+            "skippedSources": {k: str(v) for k, v in skipped.items()},
+            "failedStages": {k: str(v) for k, v in failed.items()},
+            "fallbacks": [] if result is None else list(result.fallbacks),
+            "stageLatencyMs": {} if result is None else dict(result.stage_latency_ms),
+            "error": error,
+            "items": [
+                {
+                    **candidate_view(c, with_features=True),
+                    "position": item.position,
+                    "reason": item.reason,
+                    "score": item.score,
+                    "propensity": item.propensity,
+                }
+                for c, item in zip(final, _items_of(final), strict=True)
+            ],
+        }
 
     async def _last_resort(
         self, ctx: RequestContext, query: RecommendationQuery
@@ -554,6 +736,7 @@ class RecommendationService:
             model_version=answer.model_version,
             experiment_id=answer.experiment_id,
             arm=answer.arm,
+            experiments=[ExperimentArm(experiment_id=a.experiment_id, arm=a.arm) for a in answer.assignments],
             fallback=answer.fallback,
             served_at=at.now,
         )

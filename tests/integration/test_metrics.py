@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,9 +15,11 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from core.schema import Item, ItemType
 from core.settings import Settings
 from deployments.api.app import create_app
 from deployments.api.services import ApiServices
+from features.catalog import CatalogStore
 from features.metrics import StreamMetrics
 from features.redis_store import RedisStore
 from features.stream_processor import StreamProcessor
@@ -150,3 +155,163 @@ def test_serve_scrape_reports_the_stream_workers(serve_url: str, store: RedisSto
     )
     assert value(now, "rayrec_consumer_batch_seconds_total", consumer="stream_processor") > 0
     assert value(now, "rayrec_stream_length", stream="events") >= 5
+
+
+# -- Ray's metrics export and the Grafana dashboard ------------------------------------------------
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana" / "rayrec-dashboard.json"
+SELECTOR = re.compile(r"\b(ray_[a-zA-Z0-9_]+)\s*(\{[^}]*\})?")
+MATCHER = re.compile(r'(\w+)\s*(=~|=)\s*"([^"]*)"')
+MAY_STAY_ZERO = {
+    "ray_rayrec_ranker_circuit_state": "0 is the closed breaker, the healthy state",
+    "ray_rayrec_ranker_circuit_opened": "the breaker does not open without ranker failures",
+    "ray_rayrec_consumer_lag_seconds": "0 when the consumers have caught up",
+}
+"""Series whose scrape after healthy traffic may show 0; every other one must have moved."""
+CATEGORIES = ("music", "sport", "news")
+
+
+@dataclass(frozen=True)
+class Selector:
+    """One series a dashboard expression reads: a name and its label matchers."""
+
+    name: str
+    matchers: tuple[tuple[str, str, str], ...]
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        for label, op, wanted in self.matchers:
+            got = labels.get(label)
+            if got is None or (got != wanted if op == "=" else re.fullmatch(wanted, got) is None):
+                return False
+        return True
+
+
+def dashboard_selectors(dashboard: dict[str, Any]) -> set[Selector]:
+    """Every series selector in the PromQL of every panel."""
+    selectors: set[Selector] = set()
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            for name, braces in SELECTOR.findall(target["expr"]):
+                matchers = tuple(sorted(MATCHER.findall(braces or "")))
+                selectors.add(Selector(name, matchers))
+    return selectors
+
+
+def ray_export(metrics_port: int) -> list[tuple[str, dict[str, str], float]]:
+    """The samples Ray's metrics agent of this node exports."""
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    return [
+        (sample.name, dict(sample.labels), sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
+
+
+def total(samples: list[tuple[str, dict[str, str], float]], selector: Selector) -> float | None:
+    """Sum of the matching samples (every replica and actor), ``None`` when there is none."""
+    values = [v for name, labels, v in samples if name == selector.name and selector.matches(labels)]
+    return sum(values) if values else None
+
+
+def test_dashboard_panels_read_series_of_the_app() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    names = {s.name for s in dashboard_selectors(dashboard)}
+    for wanted in (
+        "ray_rayrec_recommendation_latency_ms_bucket",
+        "ray_rayrec_pipeline_stage_latency_ms_bucket",
+        "ray_rayrec_candidate_source_latency_ms_bucket",
+        "ray_rayrec_candidate_source_candidates_sum",
+        "ray_rayrec_filter_removed_total",
+        "ray_rayrec_recommendation_fallbacks_total",
+        "ray_rayrec_ranker_circuit_state",
+        "ray_rayrec_cache_lookups_total",
+        "ray_rayrec_model_version_info",
+        "ray_rayrec_consumer_lag_seconds",
+        "ray_rayrec_events_accepted_total",
+        "ray_rayrec_quality_ctr",
+        "ray_rayrec_quality_negative_feedback_rate",
+        "ray_rayrec_quality_coverage",
+        "ray_rayrec_quality_intra_list_diversity",
+        "ray_serve_num_http_requests_total",
+        "ray_serve_num_http_error_requests_total",
+    ):
+        assert wanted in names, f"no panel reads {wanted}"
+
+
+def _seed_catalog(store: RedisStore, n: int) -> list[str]:
+    catalog = CatalogStore(store)
+    ids = [f"obs-{k}" for k in range(n)]
+    for k, item_id in enumerate(ids):
+        catalog.put_item(
+            Item(
+                item_id=item_id,
+                item_type=ItemType.VIDEO,
+                title=f"item {k}",
+                category=CATEGORIES[k % len(CATEGORIES)],
+                creator_id=f"creator-{k % 5}",
+            )
+        )
+    return ids
+
+
+def test_every_dashboard_series_moves_in_rays_export_after_traffic(serve_url: str, store: RedisStore) -> None:
+    import ray
+
+    metrics_port = int(ray.nodes()[0]["MetricsExportPort"])  # type: ignore[no-untyped-call]
+    selectors = dashboard_selectors(json.loads(DASHBOARD.read_text()))
+    before = ray_export(metrics_port)
+    items = _seed_catalog(store, 30)
+    users = [f"obs-u{k}" for k in range(6)]
+    kinds = ["view", "click", "view", "like", "click", "hide", "not_interested", "report", "view"]
+    with httpx.Client(base_url=serve_url, timeout=30) as client:
+        events = [
+            {
+                "userId": u,
+                "itemId": items[(k * 7 + j) % len(items)],
+                "eventType": kind,
+                "context": {"surface": "home"},
+            }
+            for k, u in enumerate(users)
+            for j, kind in enumerate(kinds)
+        ]
+        assert client.post("/api/events/batch", json={"events": events}).status_code == 202
+        for round_ in range(3):
+            for user in users:
+                answer = client.get("/api/recommendations", params={"userId": user, "limit": 10})
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["items"], f"empty list for {user} in round {round_}"
+        teleport = {"events": [{"userId": users[0], "itemId": items[0], "eventType": "teleport"}]}
+        assert client.post("/api/events/batch", json=teleport).status_code == 422
+        refused = client.get("/api/recommendations", params={"userId": users[0], "limit": 0})
+        assert refused.status_code == 422
+        assert "limit" in refused.text
+        replica = scrape(client.get("/metrics").text)
+
+    # The replica's own registry: the new series, before Ray's export has them.
+    assert value(replica, "rayrec_impressions_total", surface="home") > 0
+    assert value(replica, "rayrec_cache_lookups_total", cache="catalog", outcome="hit") > 0
+    assert value(replica, "rayrec_quality_ctr") > 0
+    assert value(replica, "rayrec_quality_negative_feedback_rate") > 0
+    assert 0 < value(replica, "rayrec_quality_coverage") <= 1
+    assert 0 < value(replica, "rayrec_quality_intra_list_diversity") <= 1
+
+    # The mirror pushes every 5 s and Ray's agent exports every 10 s.
+    deadline = time.monotonic() + 45
+    while True:
+        after = ray_export(metrics_port)
+        missing: list[str] = []
+        for selector in sorted(selectors, key=lambda s: s.name):
+            now, then = total(after, selector), total(before, selector) or 0.0
+            if now is None:
+                missing.append(f"{selector} absent")
+            elif selector.name in MAY_STAY_ZERO:
+                continue
+            elif selector.name.endswith(("_total", "_count", "_sum", "_bucket")):
+                if now <= then:
+                    missing.append(f"{selector} did not move ({then} -> {now})")
+            elif now <= 0:
+                missing.append(f"{selector} is {now}")
+        if not missing:
+            break
+        assert time.monotonic() < deadline, "\n".join(missing)
+        time.sleep(2)
