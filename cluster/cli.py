@@ -20,6 +20,7 @@ _COMMAND_MODULES = (
     "features.commands",
     "deployments.commands",
     "cluster.ops_commands",
+    "cluster.simulate_commands",
 )
 
 
