@@ -65,6 +65,9 @@ class SlotStatus:
         loading: A load is in progress.
         error: Why the last load failed, if it did.
         loaded_at_s: When the served version was swapped in, epoch seconds.
+        refused: The last bundle refused and why (``"<ref>: <error>"``); kept after the config is
+            put back to the served version, until another version is swapped in, so the status
+            route still says why a promotion did not happen.
     """
 
     version: str
@@ -72,6 +75,7 @@ class SlotStatus:
     loading: bool
     error: str | None
     loaded_at_s: float | None
+    refused: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         """JSON-ready form."""
@@ -81,6 +85,7 @@ class SlotStatus:
             "loading": self.loading,
             "error": self.error,
             "loadedAtS": self.loaded_at_s,
+            "refused": self.refused,
         }
 
 
@@ -103,6 +108,7 @@ class BundleSlot(Generic[State]):
         self._target: str | None = None
         self._error: str | None = None
         self._loaded_at_s: float | None = None
+        self._refused: str | None = None
         self._generation = 0
         self._task: asyncio.Task[None] | None = None
 
@@ -123,7 +129,7 @@ class BundleSlot(Generic[State]):
     def status(self) -> SlotStatus:
         """What is served and what was asked for."""
         loading = self._task is not None and not self._task.done()
-        return SlotStatus(self.version, self._target, loading, self._error, self._loaded_at_s)
+        return SlotStatus(self.version, self._target, loading, self._error, self._loaded_at_s, self._refused)
 
     async def apply(self, ref: str | None, *, wait: bool) -> None:
         """Serve the bundle ``ref`` names (or no model for None); never raises for a bad bundle.
@@ -153,11 +159,14 @@ class BundleSlot(Generic[State]):
         except Exception as exc:  # a bad bundle of any kind must leave the old model serving
             if generation == self._generation:
                 self._error = f"{type(exc).__name__}: {exc}"
+                self._refused = f"{ref}: {self._error}"
             logger.error("%s: bundle %r not loaded, still serving %s: %s", self._name, ref, self.version, exc)
             return
         if generation != self._generation:
             logger.info("%s: bundle %s loaded but superseded; dropped", self._name, version)
             return
+        if version != self._served[0]:
+            self._refused = None
         self._served = (version, state)
         self._error = None
         self._loaded_at_s = time.time()

@@ -33,6 +33,7 @@ from ray.serve.schema import (
 )
 
 from core.settings import Settings
+from deployments.wire import NO_MODEL
 from training.registry import ModelRegistry
 
 MODEL_DEPLOYMENTS: Final = ("retrieval", "ranker")
@@ -251,6 +252,15 @@ def _running_replicas(app_name: str, deployment: str) -> int:
     return max(1, sum(1 for r in replicas if str(getattr(r.state, "value", r.state)) == "RUNNING"))
 
 
+def _served_version(app_name: str, deployment: str) -> str | None:
+    """The bundle version a deployment's replicas agree on serving, or None (none, or mixed)."""
+    statuses = model_statuses(app_name, deployment, calls=3 * _running_replicas(app_name, deployment))
+    versions = {str(s.get("version")) for s in statuses}
+    if len(versions) != 1 or NO_MODEL in versions:
+        return None
+    return versions.pop()
+
+
 def wait_for_bundle(app_name: str, version: str, *, timeout_s: float = 300.0) -> None:
     """Wait until every replica of the model deployments serves ``version``.
 
@@ -304,6 +314,9 @@ def apply_bundle(
     registry_home = home or args.get("home") or Settings.from_env().home
     version = ModelRegistry(str(registry_home)).resolve(alias)
     previous = {d.name: dict(d.user_config or {}) for d in config.deployments if d.name in MODEL_DEPLOYMENTS}
+    # The previous config may name an alias that now points at the new bundle (promote, then
+    # apply), so putting it back must name the version the replicas actually serve.
+    served = {name: _served_version(app_name, name) for name in previous}
     update_user_configs(app_name, {name: {"bundle": version} for name in MODEL_DEPLOYMENTS})
     try:
         wait_for_bundle(app_name, version, timeout_s=timeout_s)
@@ -311,6 +324,12 @@ def apply_bundle(
         # The replicas still serve the previous bundle; the config must say so too, or replicas
         # started later (autoscaling, a node lost) would try the broken one.
         if previous:
-            update_user_configs(app_name, previous)
+            update_user_configs(
+                app_name,
+                {
+                    name: {**user_config, "bundle": served[name] or user_config.get("bundle")}
+                    for name, user_config in previous.items()
+                },
+            )
         raise
     return version
