@@ -166,8 +166,10 @@ MAY_STAY_ZERO = {
     "ray_rayrec_ranker_circuit_state": "0 is the closed breaker, the healthy state",
     "ray_rayrec_ranker_circuit_opened": "the breaker does not open without ranker failures",
     "ray_rayrec_consumer_lag_seconds": "0 when the consumers have caught up",
+    "ray_rayrec_recommendation_fallbacks_total": "healthy traffic falls back only when the machine is slow; "
+    "tests/faults and test_serving_graph.py make every fallback kind move",
 }
-"""Series whose scrape after healthy traffic may show 0; every other one must have moved."""
+"""Series that may show 0 (or be absent) after healthy traffic; every other one must have moved."""
 CATEGORIES = ("music", "sport", "news")
 
 
@@ -302,10 +304,10 @@ def test_every_dashboard_series_moves_in_rays_export_after_traffic(serve_url: st
         missing: list[str] = []
         for selector in sorted(selectors, key=lambda s: s.name):
             now, then = total(after, selector), total(before, selector) or 0.0
+            if selector.name in MAY_STAY_ZERO:
+                continue
             if now is None:
                 missing.append(f"{selector} absent")
-            elif selector.name in MAY_STAY_ZERO:
-                continue
             elif selector.name.endswith(("_total", "_count", "_sum", "_bucket")):
                 if now <= then:
                     missing.append(f"{selector} did not move ({then} -> {now})")
