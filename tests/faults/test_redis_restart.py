@@ -21,11 +21,6 @@ DOWN_CALLS = 20
 """Recommendation requests answered while Redis is down before it is started again."""
 
 
-@pytest.mark.xfail(
-    reason="an event call sent about 2 s after Redis answers again can still be refused with 503 "
-    "(cause not found yet); every other check of the scenario holds",
-    strict=False,
-)
 def test_a_redis_restart_refuses_events_serves_fallbacks_and_recovers_by_itself(fault_app: FaultApp) -> None:
     with TrafficDriver(fault_app, "redis-restart") as traffic:
         traffic.wait_calls(20)

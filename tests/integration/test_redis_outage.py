@@ -83,11 +83,13 @@ class DurableRedis:
         try:
             while time.monotonic() < deadline:
                 try:
-                    # LOADING while the AOF is replayed; ping answers only once it is done.
-                    if client.ping():
+                    # PING answers while the AOF is still being replayed (other commands get
+                    # LOADING then), so ready means the server says it has finished loading.
+                    if client.ping() and int(client.info("persistence")["loading"]) == 0:
                         return
                 except redis.RedisError:
-                    time.sleep(0.05)
+                    pass
+                time.sleep(0.05)
             raise RuntimeError(f"redis-server on port {self.port} did not answer within 20 s")
         finally:
             client.close()
