@@ -7,8 +7,9 @@ The steps, in order:
 2. **Clean events** (Ray Data): read the event files, drop duplicate deliveries of one event
    (a hash shuffle on ``event_id``, then a per-block first-wins pass; measured faster than
    ``groupby("event_id").map_groups``, which calls Python once per event), drop every event of an
-   erased user (latest ``users`` row with ``erased=True``) and of a removed item (latest ``items``
-   row with ``status="removed"``).
+   erased user (latest ``users`` row with ``erased=True``), of a user who turned personalisation
+   off (latest row with ``personalization=False``: no model learns from or about them until they
+   turn it back on) and of a removed item (latest ``items`` row with ``status="removed"``).
 3. **Split** for evaluation: evaluation positives go to the driver as integer-coded
    :class:`~training.evaluation.splits.Interactions` and are split by the chosen protocol.
 4. **Two-tower positives** (Ray Data): events that pass :class:`PositiveRule` and are not held out
@@ -585,11 +586,13 @@ def build_training_data(lake: Lake, config: DatasetConfig) -> TrainingData:
     items_latest = lake.read_latest("items")
     users_latest = lake.read_latest("users")
     removed = pc.equal(items_latest.column("status"), "removed")
-    erased = users_latest.column("erased")
+    # An opted-out user is left out like an erased one: training on their events would build the
+    # very profile of them that they asked not to have.
+    excluded = pc.or_(users_latest.column("erased"), pc.invert(users_latest.column("personalization")))
     removed_items = items_latest.filter(removed).column("item_id").to_pylist()
-    erased_users = users_latest.filter(erased).column("user_id").to_pylist()
+    erased_users = users_latest.filter(excluded).column("user_id").to_pylist()
     catalog = items_latest.filter(pc.invert(removed))
-    active_users = users_latest.filter(pc.invert(erased))
+    active_users = users_latest.filter(pc.invert(excluded))
 
     events = read_clean_events(
         lake, snapshot.files["events"], config, erased_users=erased_users, removed_items=removed_items

@@ -181,8 +181,8 @@ def test_erasure_and_opt_out_through_the_api_reach_the_next_training_run(
 ) -> None:
     """``DELETE /api/users/{id}`` and ``PUT .../privacy`` go through the API, the change-log stream
     and the lake writer into the lake; the next run's cleaning step drops the erased user's events
-    and the run keeps no profile of that user; the opt-out is in the users change-log the offline
-    jobs read (``features.offline`` keeps no behaviour features of such a user)."""
+    and the run keeps no profile of that user; the opted-out user's events are dropped the same way
+    (and ``features.offline`` keeps no behaviour features of such a user)."""
     from fastapi.testclient import TestClient
 
     from deployments.api.app import create_app
@@ -208,7 +208,13 @@ def test_erasure_and_opt_out_through_the_api_reach_the_next_training_run(
             pc.not_equal(before.column("item_id"), facts["removed_item"]),
         )
     ).num_rows
-    assert erased_events > 0
+    opted_out_events = before.filter(
+        pc.and_(
+            pc.equal(before.column("user_id"), opted_out),
+            pc.not_equal(before.column("item_id"), facts["removed_item"]),
+        )
+    ).num_rows
+    assert erased_events > 0 and opted_out_events > 0
 
     settings = Settings.from_env(
         None,
@@ -243,7 +249,9 @@ def test_erasure_and_opt_out_through_the_api_reach_the_next_training_run(
     data = build_training_data(lake, TrainConfig.smoke_test().data)
     clean_users = set(data.event_table.column("user_id").to_pylist())
     assert erased not in clean_users and facts["erased_user"] not in clean_users
-    assert erased not in set(data.user_table.column("user_id").to_pylist())
-    assert erased not in data.vocabularies.user.values
-    # What was dropped is exactly the erased user's events (the earlier erasure stays dropped).
-    assert data.row_counts["clean_events"] == int(facts["clean_events"]) - erased_events
+    assert opted_out not in clean_users
+    for user in (erased, opted_out):
+        assert user not in set(data.user_table.column("user_id").to_pylist())
+        assert user not in data.vocabularies.user.values
+    # What was dropped is exactly the two users' events (the earlier erasure stays dropped).
+    assert data.row_counts["clean_events"] == int(facts["clean_events"]) - erased_events - opted_out_events
