@@ -419,7 +419,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     mode = sim.add_mutually_exclusive_group()
     mode.add_argument(
         "--ab", dest="mode", action="store_const", const="ab",
-        help="after the warm-up rounds, test default serving against a worse arm (90% exploration)",
+        help="after the warm-up rounds, test default serving against a worse arm (90%% exploration)",
     )  # fmt: skip
     mode.add_argument(
         "--aa", dest="mode", action="store_const", const="aa",
