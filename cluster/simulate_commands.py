@@ -213,20 +213,23 @@ def loop_train_config(
     workers: int = 1,
     cpus_per_worker: float = 1.0,
     two_tower_epochs: int = 6,
-    ranker_epochs: int = 4,
+    ranker_epochs: int = 40,
+    ranker_patience: int = 3,
 ) -> TrainConfig:
     """The smoke-sized training configuration of the loop, with few Ray Train workers.
 
     The application keeps its CPUs while a release trains, so each Ray Train job gets
     ``workers`` workers of ``cpus_per_worker`` CPUs, not the two full ones of the smoke test.
     The models keep the smoke test's sizes; the epochs are raised because a round's log is
-    small (a few thousand events) and one pass over it leaves the ranker undertrained.
+    small (a few thousand events) and one pass over it leaves the ranker undertrained: the ranker
+    trains until its click AUC on held-out users stops rising and keeps its best epoch.
 
     Args:
         workers: Ray Train workers of each job.
         cpus_per_worker: CPUs each worker reserves.
         two_tower_epochs: Epochs of the two-tower model.
-        ranker_epochs: Epochs of the ranker.
+        ranker_epochs: Most epochs of the ranker.
+        ranker_patience: Epochs without a better validation click AUC before the ranker stops.
 
     Returns:
         The configuration (registered, not promoted: the loop promotes).
@@ -237,7 +240,9 @@ def loop_train_config(
     base["two_tower_train"].update(
         num_workers=workers, cpus_per_worker=cpus_per_worker, epochs=two_tower_epochs
     )
-    base["ranker"].update(num_workers=workers, cpus_per_worker=cpus_per_worker, epochs=ranker_epochs)
+    base["ranker"].update(
+        num_workers=workers, cpus_per_worker=cpus_per_worker, epochs=ranker_epochs, patience=ranker_patience
+    )
     base["description"] = "closed-loop simulation"
     return TrainConfig.model_validate(base)
 

@@ -24,6 +24,7 @@ from numpy.typing import NDArray
 
 from deployments.wire import RankReply, RankRequest
 from training.collaborative import CollaborativeModel, candidate_features
+from training.encoding import MAX_INTERESTS
 from training.ranker import RankerServing
 from training.release import Release
 from training.two_tower import TwoTowerServing
@@ -102,6 +103,12 @@ def score_batch(model: RankerModel, requests: Sequence[RankRequest]) -> list[Ran
             if mine.any():
                 cf_score[mine], cf_rank[mine] = candidate_features(cf_scores[n], rows[mine])
     if len(rows):
+        regions = [vocab.region.index(r.profile.get("region")) for r in requests]
+        languages = [vocab.language.index(r.profile.get("language")) for r in requests]
+        interests = np.zeros((len(requests), MAX_INTERESTS), dtype=np.int64)
+        for n, request in enumerate(requests):
+            wanted = request.interests[:MAX_INTERESTS]
+            interests[n, : len(wanted)] = [vocab.category.index(name) for name in wanted]
         inputs = builder.build(
             users[owner],
             histories[owner],
@@ -111,6 +118,9 @@ def score_batch(model: RankerModel, requests: Sequence[RankRequest]) -> list[Ran
             np.array([requests[n].hour + 1 for n in owner], dtype=np.int64),
             cf_score,
             cf_rank,
+            interests[owner],
+            np.asarray(regions, dtype=np.int64)[owner],
+            np.asarray(languages, dtype=np.int64)[owner],
         )
         predictions = model.ranker.predict(inputs)
     elapsed_ms = (time.perf_counter() - started) * 1000.0

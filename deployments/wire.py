@@ -129,6 +129,7 @@ class RankRequest:
         item_ids: Candidates, in the order scores are wanted.
         head_weights: Weights of the click, like, purchase and watch-time heads.
         embed_top_n: How many of the best-scored candidates get their item embedding back.
+        interests: Onboarding interests (categories); empty for a user who opted out.
     """
 
     user_id: str
@@ -140,6 +141,7 @@ class RankRequest:
     item_ids: tuple[str, ...]
     head_weights: tuple[float, float, float, float]
     embed_top_n: int = 0
+    interests: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

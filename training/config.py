@@ -132,7 +132,10 @@ class RankerConfig(StrictConfig):
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
     """Dropout in the shared bottom."""
     epochs: Annotated[int, Field(ge=1)] = 4
-    """Passes over the examples."""
+    """Passes over the examples (the most, with ``patience``)."""
+    patience: Annotated[int, Field(ge=1)] | None = None
+    """Stop once this many epochs in a row have not raised the click AUC on the held-out users,
+    and keep the weights of the best epoch. ``None`` trains every epoch and keeps the last."""
     batch_size: Annotated[int, Field(ge=2)] = 1024
     """Examples per worker per step."""
     lr: Annotated[float, Field(gt=0)] = 2e-3

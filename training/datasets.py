@@ -489,6 +489,22 @@ class TrainingData:
         matrix = self.user_history[self.vocabularies.user.lookup(list(user_ids))]
         return [[str(values[i]) for i in row if i > 0] for row in matrix]
 
+    def user_interests(self, user_ids: Sequence[str]) -> IntArray:
+        """Each user's onboarding interests as ``category`` indices, 0-padded (zeros when unknown)."""
+        rows = {u: i for i, u in enumerate(self.users.user_ids.tolist())}
+        positions = np.asarray([rows.get(u, -1) for u in user_ids], dtype=np.int64)
+        out = np.zeros((len(positions), self.users.interests.shape[1]), dtype=np.int64)
+        known = positions >= 0
+        out[known] = self.users.interests[positions[known]]
+        return out
+
+    def interests_by_index(self) -> IntArray:
+        """:meth:`user_interests` of every ``user`` vocabulary index (row 0, unknown, has none)."""
+        values = list(self.vocabularies.user.values)
+        table = np.zeros((len(values) + 1, self.users.interests.shape[1]), dtype=np.int64)
+        table[1:] = self.user_interests(values)
+        return table
+
     def user_inputs(self, user_ids: Sequence[str]) -> dict[str, IntArray]:
         """The user tower's inputs for known or unknown users, with their training-time history.
 

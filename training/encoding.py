@@ -225,6 +225,20 @@ class Vocabularies:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+def _metadata_field(items: pa.Table, name: str) -> list[str | None]:
+    """One string field of each row's ``metadata_json`` (None where absent or unreadable)."""
+    if "metadata_json" not in items.column_names:
+        return [None] * items.num_rows
+    out: list[str | None] = []
+    for text in items.column("metadata_json").to_pylist():
+        try:
+            value = json.loads(text).get(name) if text else None
+        except (ValueError, AttributeError):
+            value = None
+        out.append(value if isinstance(value, str) else None)
+    return out
+
+
 def _list_matrix(column: pa.ChunkedArray | pa.Array, vocabulary: Vocabulary, width: int) -> IntArray:
     """Encode a list<string> column as a ``(rows, width)`` index matrix, keeping the first ``width``."""
     if isinstance(column, pa.ChunkedArray):
@@ -257,6 +271,9 @@ class ItemFeatures:
         category: Index in the ``category`` vocabulary.
         tags: ``(rows, max_tags)`` indices in the ``tag`` vocabulary, 0-padded.
         creator: Index in the ``creator`` vocabulary.
+        region: The item's region (``metadata_json``) as an index in the users' ``region``
+            vocabulary, so it compares with a user's; 0 when unknown.
+        language: Likewise, in the ``language`` vocabulary.
     """
 
     item_ids: StrArray
@@ -265,10 +282,12 @@ class ItemFeatures:
     category: IntArray
     tags: IntArray
     creator: IntArray
+    region: IntArray
+    language: IntArray
 
     def __post_init__(self) -> None:
         rows = len(self.item_ids)
-        for name in ("id_index", "item_type", "category", "creator"):
+        for name in ("id_index", "item_type", "category", "creator", "region", "language"):
             assert len(getattr(self, name)) == rows, f"{name} has {len(getattr(self, name))} rows, not {rows}"
         assert self.tags.ndim == 2 and len(self.tags) == rows, (
             f"tags must be (rows, max_tags), got {self.tags.shape}"
@@ -295,6 +314,8 @@ class ItemFeatures:
             category=vocabularies.category.lookup(items.column("category")),
             tags=_list_matrix(items.column("tags"), vocabularies.tag, vocabularies.max_tags),
             creator=vocabularies.creator.lookup(items.column("creator_id")),
+            region=vocabularies.region.lookup(_metadata_field(items, "region")),
+            language=vocabularies.language.lookup(_metadata_field(items, "language")),
         )
 
     def take(self, positions: IntArray) -> ItemFeatures:
@@ -306,6 +327,8 @@ class ItemFeatures:
             category=self.category[positions],
             tags=self.tags[positions],
             creator=self.creator[positions],
+            region=self.region[positions],
+            language=self.language[positions],
         )
 
     def positions(self, item_ids: Sequence[str] | StrArray | pa.Array) -> IntArray:
@@ -343,6 +366,8 @@ class ItemFeatures:
                 "category": self.category,
                 "tags": pa.FixedSizeListArray.from_arrays(pa.array(self.tags.reshape(-1)), width),
                 "creator": self.creator,
+                "region": self.region,
+                "language": self.language,
             }
         )
 
@@ -359,6 +384,8 @@ class ItemFeatures:
             category=_ints(table.column("category")),
             tags=flat.reshape(len(table), width),
             creator=_ints(table.column("creator")),
+            region=_ints(table.column("region")),
+            language=_ints(table.column("language")),
         )
 
     def save(self, path: str | Path) -> None:
@@ -371,6 +398,10 @@ class ItemFeatures:
         return cls.from_arrow(pq.read_table(str(path)))
 
 
+MAX_INTERESTS: Final = 8
+"""Onboarding interests kept per user (the first ones)."""
+
+
 @dataclass(frozen=True, eq=False)
 class UserFeatures:
     """The encoded profile of a set of users, one row per user.
@@ -381,6 +412,8 @@ class UserFeatures:
         age_group: Index in the ``age_group`` vocabulary.
         region: Index in the ``region`` vocabulary.
         language: Index in the ``language`` vocabulary.
+        interests: ``(rows, MAX_INTERESTS)`` onboarding interests as ``category`` vocabulary
+            indices, 0-padded (the ranker reads them; the user tower does not).
     """
 
     user_ids: StrArray
@@ -388,6 +421,7 @@ class UserFeatures:
     age_group: IntArray
     region: IntArray
     language: IntArray
+    interests: IntArray
 
     def __len__(self) -> int:
         return len(self.user_ids)
@@ -403,12 +437,18 @@ class UserFeatures:
             return pa.nulls(rows, type=pa.string())
 
         user_ids = users.column("user_id").to_pylist()
+        interests = (
+            users.column("interests")
+            if "interests" in users.column_names
+            else pa.nulls(rows, type=pa.list_(pa.string()))
+        )
         return cls(
             user_ids=np.asarray(user_ids, dtype=np.str_),
             bucket=stable_bucket(user_ids, vocabularies.user_buckets),
             age_group=vocabularies.age_group.lookup(column("age_group")),
             region=vocabularies.region.lookup(column("region")),
             language=vocabularies.language.lookup(column("language")),
+            interests=_list_matrix(interests, vocabularies.category, MAX_INTERESTS),
         )
 
     def take(self, positions: IntArray) -> UserFeatures:
@@ -419,6 +459,7 @@ class UserFeatures:
             age_group=self.age_group[positions],
             region=self.region[positions],
             language=self.language[positions],
+            interests=self.interests[positions],
         )
 
     def arrays(self) -> dict[str, IntArray]:

@@ -119,6 +119,7 @@ def oof_list_examples(
     base_inputs = data.user_inputs(all_user_ids)
     surface_index = vocab.surface.index(surface)
 
+    interests = data.interests_by_index()
     parts: list[dict[str, npt.NDArray[Any]]] = []
     label_parts: list[dict[str, npt.NDArray[Any]]] = []
     owners: list[IntArray] = []
@@ -179,6 +180,9 @@ def oof_list_examples(
                 np.zeros(size, dtype=np.int64),
                 score,
                 rank,
+                np.repeat(interests[user][None, :], size, axis=0),
+                np.full(size, user_inputs["region"][b], dtype=np.int64),
+                np.full(size, user_inputs["language"][b], dtype=np.int64),
             )
             mask = np.zeros(size, dtype=np.float32)
             mask[:n] = 1.0

@@ -54,7 +54,13 @@ from training.listwise import oof_list_examples, recent_histories, split_positiv
 from training.ranker import RankerFeatureBuilder, RankerServing, RankerSizes, watch_scale_of
 from training.registry import BundleInfo, ModelRegistry
 from training.release import EVALUATION, FEATURE_SET_NAMES, Release, similarity_lookup
-from training.train_ranker import RankerJob, build_ranker_examples, fit_ranker, item_statistics
+from training.train_ranker import (
+    RankerJob,
+    build_ranker_examples,
+    fit_ranker,
+    item_statistics,
+    watch_loss_weight,
+)
 from training.train_two_tower import TwoTowerJob, ValidationSet, fit_two_tower, positives_to_arrays
 from training.two_tower import TwoTowerServing, TwoTowerSizes
 
@@ -341,6 +347,8 @@ def _two_stage(
     histories_tt = release.two_tower.encode_history(
         data.history_ids(split.train.user_ids[test_users].tolist())
     )
+    interests = data.user_interests(split.train.user_ids[test_users].tolist())
+    profiles = data.user_inputs(split.train.user_ids[test_users].tolist())
     k_max = max(config.ks)
     ranked = np.full((len(test_users), k_max), -1, dtype=np.int64)
     targets = split.part(part).dense_rows(test_users, np.bool_)
@@ -398,6 +406,9 @@ def _two_stage(
                 surface=config.surface,
                 cf_score=cf_score,
                 cf_rank=cf_rank,
+                interests=interests[u],
+                region=int(profiles["region"][u]),
+                language=int(profiles["language"][u]),
             )
             best = split_items[np.argsort(-scores, kind="stable")][:k_max]
             ranked[u, : len(best)] = best
@@ -502,15 +513,23 @@ def run_training(
             )
         else:
             examples = build_ranker_examples(
-                lake, data, positives, builder, serving, config.ranker, min_watch_s=config.data.min_watch_s
+                lake,
+                data,
+                positives,
+                builder,
+                serving,
+                config.ranker,
+                min_watch_s=config.data.min_watch_s,
             )
         train_examples, valid_examples = examples.split_by_user(seed=config.ranker.seed)
         ranker_config = config.ranker
         if not listwise and ranker_config.two_tower_inputs is None:
-            # The two-tower inputs are left out only because out-of-fold lists come from folds the
-            # two-tower model was trained on; logged impressions and sampled negatives carry no
-            # such leak, so the ranker trained on them reads the two-tower score and embeddings.
-            ranker_config = ranker_config.model_copy(update={"two_tower_inputs": True})
+            # The two-tower model was fitted on the very clicks logged impressions are labelled
+            # with, so on them its score and embeddings know the answer (an impression of an item
+            # nobody clicked scores low because nobody clicked it); at serving they know only the
+            # past. Sampled negatives are drawn against those positives, as retrieval will be.
+            reads = examples.source != "impressions"
+            ranker_config = ranker_config.model_copy(update={"two_tower_inputs": reads})
         ranker_job = RankerJob(
             config=ranker_config,
             sizes=RankerSizes(
@@ -521,6 +540,7 @@ def run_training(
             dense=train_examples.real().inputs["dense"],
             validation=valid_examples.real(),
             list_size=examples.list_size,
+            watch_weight=watch_loss_weight(train_examples.labels["watch_log1p"]),
         )
         ranked = fit_ranker(train_examples, ranker_job, storage_path=storage)
     log(f"  ranker examples: {len(examples)} ({examples.source}), positive rates {examples.positive_rates()}")

@@ -5,14 +5,24 @@ The ranker scores (user, candidate) pairs the retrieval stage produced. Its inpu
 * the frozen two-tower embeddings of the user and of the item, and their element-wise product;
 * dense cross and item features (:data:`DENSE_FEATURES`): two-tower score, item-item score (the
   best and the mean similarity of the candidate to the user's history, from the item-item table),
-  category affinity (share of the user's recent positives in the candidate's category), item
+  category, tag and creator affinities (shares of the user's recent positives in the candidate's
+  category, sharing one of its tags, by its creator), item
   popularity, smoothed CTR and like rate (with the priors of :mod:`features.params`, the same
-  smoothing the online ``item_engagement`` view serves), and whether the item has its own id;
-* the request context: surface, device and hour of day, each embedded.
+  smoothing the online ``item_engagement`` view serves), the smoothed CTR of the item's creator
+  over all their items, whether the item's category is among the user's onboarding interests,
+  whether the item's region and language are the user's, and whether the item has its own id;
+* the request context: surface, device and hour of day, each embedded;
+* in training only, the slot a logged impression was shown in (see below).
 
 Heads: click, like and purchase (logits, binary cross-entropy) and watch time (regression on
 ``log1p`` seconds, squared error). The final score of a surface is a weighted sum of the three
 probabilities and the predicted ``log1p`` watch time, with per-surface weights from the config.
+
+Two paths beside the shared MLP (wide and deep, Cheng et al. 2016): a linear term over the
+standardised dense features in every binary logit, which learns from a few thousand logged
+impressions what the MLP needs many more for; and a per-slot bias (the shallow position tower of
+Zhao et al. 2019), so that clicks a slot earned by being on top are not credited to the item.
+Serving asks for the top slot for every candidate, which adds the same constant to each.
 
 :class:`RankerFeatureBuilder` is pure numpy and is what both training (for every example) and
 serving (for every request) call, so the features cannot drift apart.
@@ -57,6 +67,12 @@ DENSE_FEATURES: Final = (
     "has_item_id",
     "cf_score",
     "cf_log_rank",
+    "creator_ctr",
+    "interest_match",
+    "region_match",
+    "language_match",
+    "tag_affinity",
+    "creator_affinity",
 )
 """Dense inputs of the ranker, in column order."""
 
@@ -64,7 +80,7 @@ CF_SCORE_COLUMN: Final = DENSE_FEATURES.index("cf_score")
 TWO_TOWER_SCORE_COLUMN: Final = DENSE_FEATURES.index("two_tower_score")
 """Column of the EASE score, which also feeds the click and like logits directly (the residual)."""
 
-RANKER_INPUTS: Final = ("user_embedding", "item_embedding", "dense", "surface", "device", "hour")
+RANKER_INPUTS: Final = ("user_embedding", "item_embedding", "dense", "surface", "device", "hour", "position")
 """Input columns of :class:`MultiTaskRanker`."""
 
 LABELS: Final = ("click", "like", "purchase", "watch_log1p")
@@ -76,6 +92,9 @@ and is held at its training mean when scoring."""
 
 HOURS: Final = 25
 """Hour-of-day embedding rows: 0 for unknown, then hours 0-23 as 1-24."""
+
+POSITIONS: Final = 32
+"""Slots with their own position bias; later slots share the last."""
 
 WEIGHTS_FILE: Final = "ranker.pt"
 MODEL_FILE: Final = "ranker.json"
@@ -105,12 +124,14 @@ class ItemStats:
         log_popularity: ``log1p`` of training positives.
         ctr: Smoothed clicks per view.
         like_rate: Smoothed likes per view.
+        creator_ctr: Smoothed clicks per view of the item's creator, over all their items.
     """
 
     item_ids: npt.NDArray[np.str_]
     log_popularity: FloatArray
     ctr: FloatArray
     like_rate: FloatArray
+    creator_ctr: FloatArray
 
     @classmethod
     def from_counts(
@@ -120,6 +141,8 @@ class ItemStats:
         views: IntArray,
         clicks: IntArray,
         likes: IntArray,
+        creator_views: IntArray,
+        creator_clicks: IntArray,
     ) -> ItemStats:
         """Compute the statistics from per-item counts.
 
@@ -129,6 +152,8 @@ class ItemStats:
             views: Exposures per item (``view`` events, plus clicks when views are not logged).
             clicks: Clicks per item.
             likes: Likes per item.
+            creator_views: Exposures of all items of each item's creator.
+            creator_clicks: Clicks on all items of each item's creator.
 
         Returns:
             The statistics.
@@ -139,6 +164,9 @@ class ItemStats:
             log_popularity=np.log1p(positives).astype(np.float32),
             ctr=smoothed_rates(clicks, views, params.ctr_prior_mean, params.ctr_prior_strength),
             like_rate=smoothed_rates(likes, views, params.like_prior_mean, params.like_prior_strength),
+            creator_ctr=smoothed_rates(
+                creator_clicks, creator_views, params.ctr_prior_mean, params.ctr_prior_strength
+            ),
         )
 
     def save(self, path: str | Path) -> None:
@@ -150,6 +178,7 @@ class ItemStats:
                     "log_popularity": self.log_popularity,
                     "ctr": self.ctr,
                     "like_rate": self.like_rate,
+                    "creator_ctr": self.creator_ctr,
                 }
             ),
             str(path),
@@ -164,6 +193,7 @@ class ItemStats:
             log_popularity=np.asarray(table.column("log_popularity").to_numpy(), dtype=np.float32),
             ctr=np.asarray(table.column("ctr").to_numpy(), dtype=np.float32),
             like_rate=np.asarray(table.column("like_rate").to_numpy(), dtype=np.float32),
+            creator_ctr=np.asarray(table.column("creator_ctr").to_numpy(), dtype=np.float32),
         )
 
 
@@ -272,6 +302,22 @@ class RankerFeatureBuilder:
         """Catalog row of each item vocabulary index (-1 for padding or items not in the catalog)."""
         return np.where(item_indices > UNKNOWN, self._row_of_index[item_indices], -1)
 
+    def _shares_a_tag(
+        self, history_rows: IntArray, present: npt.NDArray[np.bool_], candidate_rows: IntArray
+    ) -> npt.NDArray[np.bool_]:
+        """``(batch, history)``: whether each history item has a tag of the row's candidate."""
+        out = np.zeros(history_rows.shape, dtype=bool)
+        for start in range(0, len(candidate_rows), _TAG_CHUNK):
+            part = slice(start, start + _TAG_CHUNK)
+            # (rows, history, history tags, candidate tags); padding (0) never matches.
+            history_tags = np.where(
+                present[part, :, None], self.items.tags[np.maximum(history_rows[part], 0)], -1
+            )
+            candidate_tags = self.items.tags[candidate_rows[part]][:, None, None, :]
+            shared = (history_tags[..., None] == candidate_tags) & (candidate_tags != UNKNOWN)
+            out[part] = shared.any(axis=(2, 3))
+        return out
+
     def build(
         self,
         user_embeddings: FloatArray,
@@ -282,6 +328,9 @@ class RankerFeatureBuilder:
         hour: IntArray,
         cf_score: FloatArray | None = None,
         cf_rank: FloatArray | None = None,
+        interests: IntArray | None = None,
+        region: IntArray | None = None,
+        language: IntArray | None = None,
     ) -> dict[str, npt.NDArray[np.generic]]:
         """The ranker inputs of a batch of (user, candidate) pairs.
 
@@ -296,9 +345,13 @@ class RankerFeatureBuilder:
                 release has no collaborative model).
             cf_rank: ``(batch,)`` 1-based rank of each candidate in its user's EASE order over
                 the catalog (read as ``log1p``; zeros without a collaborative model).
+            interests: ``(batch, k)`` the user's onboarding interests as ``category`` vocabulary
+                indices, 0-padded (none when omitted).
+            region: ``(batch,)`` the request's region as a ``region`` index (unknown when omitted).
+            language: ``(batch,)`` the request's language as a ``language`` index.
 
         Returns:
-            Columns named as :data:`RANKER_INPUTS`.
+            Columns named as :data:`RANKER_INPUTS`, ``position`` at the top slot.
         """
         batch = len(candidate_rows)
         assert user_embeddings.shape == (batch, self.dim), (
@@ -315,7 +368,16 @@ class RankerFeatureBuilder:
         category = self.items.category[candidate_rows]
         history_category = np.where(present, self.items.category[np.maximum(history_rows, 0)], -1)
         same_category = (history_category == category[:, None]) & (category[:, None] != UNKNOWN)
+        creator = self.items.creator[candidate_rows]
+        history_creator = np.where(present, self.items.creator[np.maximum(history_rows, 0)], -1)
+        same_creator = (history_creator == creator[:, None]) & (creator[:, None] != UNKNOWN)
+        same_tag = self._shares_a_tag(history_rows, present, candidate_rows)
         denominator = np.maximum(n_history, 1)
+        if interests is None:
+            interest_match = np.zeros(batch, dtype=np.float32)
+        else:
+            assert interests.shape[0] == batch, f"{interests.shape[0]} interest rows for {batch} candidates"
+            interest_match = ((interests == category[:, None]) & (category[:, None] != UNKNOWN)).any(axis=1)
         dense = np.stack(
             [
                 (user_embeddings * item_embeddings).sum(axis=1),
@@ -328,6 +390,12 @@ class RankerFeatureBuilder:
                 (self.items.id_index[candidate_rows] > UNKNOWN).astype(np.float32),
                 np.zeros(batch, dtype=np.float32) if cf_score is None else cf_score,
                 np.zeros(batch, dtype=np.float32) if cf_rank is None else np.log1p(cf_rank),
+                self.stats.creator_ctr[candidate_rows],
+                interest_match.astype(np.float32),
+                _matches(region, self.items.region[candidate_rows], batch),
+                _matches(language, self.items.language[candidate_rows], batch),
+                same_tag.sum(axis=1) / denominator,
+                same_creator.sum(axis=1) / denominator,
             ],
             axis=1,
         ).astype(np.float32)
@@ -338,7 +406,20 @@ class RankerFeatureBuilder:
             "surface": np.asarray(surface, dtype=np.int64),
             "device": np.asarray(device, dtype=np.int64),
             "hour": np.asarray(hour, dtype=np.int64),
+            # The top slot; logged impressions replace it with the slot they were shown in.
+            "position": np.zeros(batch, dtype=np.int64),
         }
+
+
+_TAG_CHUNK: Final = 2048
+"""Rows compared at once by :meth:`RankerFeatureBuilder._shares_a_tag` (bounds its memory)."""
+
+
+def _matches(user: IntArray | None, item: IntArray, batch: int) -> FloatArray:
+    """1.0 where a known user value equals the item's, else 0.0."""
+    if user is None:
+        return np.zeros(batch, dtype=np.float32)
+    return np.asarray((user == item) & (user != UNKNOWN), dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -387,6 +468,11 @@ class MultiTaskRanker(nn.Module):
             width = size
         self.bottom = nn.Sequential(*layers)
         self.heads = nn.ModuleDict({name: nn.Linear(width, 1) for name in HEADS})
+        # Both start at zero: an untrained model is the MLP alone, whatever the objective.
+        self.wide = nn.Linear(n_dense, len(BINARY_HEADS), bias=False)
+        nn.init.zeros_(self.wide.weight)
+        self.position_bias = nn.Embedding(POSITIONS, len(HEADS))
+        nn.init.zeros_(self.position_bias.weight)
         # The standardised EASE score goes straight into the click and like logits with a learned
         # weight. With the listwise objective the heads start at zero, so the untrained ranker
         # orders candidates exactly as EASE does and training can only move it from there.
@@ -442,14 +528,36 @@ class MultiTaskRanker(nn.Module):
         )
         hidden = self.bottom(features)
         outputs = {name: head(hidden).squeeze(-1) for name, head in self.heads.items()}
+        wide = self.wide(dense)
+        for n, name in enumerate(BINARY_HEADS):
+            outputs[name] = outputs[name] + wide[..., n]
         residual = self.cf_weight * dense[..., CF_SCORE_COLUMN]
         outputs["click"] = outputs["click"] + residual
         outputs["like"] = outputs["like"] + residual
+        position = batch.get("position")
+        if position is not None:
+            slot_bias = self.position_bias(position.clamp(0, POSITIONS - 1))
+            for n, name in enumerate(HEADS):
+                outputs[name] = outputs[name] + slot_bias[..., n]
         return outputs
 
 
 class MultiTaskTask(nn.Module):
-    """Sum of binary cross-entropy on click, like and purchase and squared error on watch time."""
+    """Sum of binary cross-entropy on click, like and purchase and squared error on watch time.
+
+    Squared error on ``log1p`` seconds is several times any cross-entropy, and the shared layers
+    would learn mostly for it; ``watch_weight`` (the trainer passes one over the label's variance)
+    puts it on the scale of the others.
+    """
+
+    def __init__(self, watch_weight: float = 1.0) -> None:
+        """Configure the task.
+
+        Args:
+            watch_weight: Multiplier of the watch-time squared error.
+        """
+        super().__init__()
+        self.watch_weight = watch_weight
 
     def forward(
         self, outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor]
@@ -467,7 +575,9 @@ class MultiTaskTask(nn.Module):
             name: F.binary_cross_entropy_with_logits(outputs[name], labels[name].float())
             for name in BINARY_HEADS
         }
-        parts["watch_time"] = F.mse_loss(outputs["watch_time"], labels["watch_log1p"].float())
+        parts["watch_time"] = self.watch_weight * F.mse_loss(
+            outputs["watch_time"], labels["watch_log1p"].float()
+        )
         total = torch.stack(list(parts.values())).sum()
         return total, {name: value.item() for name, value in parts.items()}
 
@@ -639,6 +749,9 @@ class RankerServing:
         hour: int | None = None,
         cf_score: FloatArray | None = None,
         cf_rank: FloatArray | None = None,
+        interests: IntArray | None = None,
+        region: int = UNKNOWN,
+        language: int = UNKNOWN,
     ) -> FloatArray:
         """Score one user's candidates.
 
@@ -651,6 +764,9 @@ class RankerServing:
             hour: UTC hour of day (0-23), if known.
             cf_score: EASE score of each candidate (see :meth:`RankerFeatureBuilder.build`).
             cf_rank: EASE rank of each candidate.
+            interests: ``(k,)`` the user's onboarding interests as ``category`` indices.
+            region: The user's ``region`` index.
+            language: The user's ``language`` index.
 
         Returns:
             One score per candidate, same order; higher is better.
@@ -666,6 +782,9 @@ class RankerServing:
             np.full(n_rows, 0 if hour is None else hour + 1, dtype=np.int64),
             cf_score,
             cf_rank,
+            None if interests is None else np.repeat(interests[None, :], n_rows, axis=0),
+            np.full(n_rows, region, dtype=np.int64),
+            np.full(n_rows, language, dtype=np.int64),
         )
         return self.combine(self.predict(inputs), surface)
 

@@ -41,6 +41,7 @@ from core.lake import Lake
 from core.schema import EventType
 from training.config import RankerConfig
 from training.datasets import TrainingData, held_out_pairs
+from training.encoding import UNKNOWN
 from training.evaluation.metrics import auc
 from training.ranker import (
     BINARY_HEADS,
@@ -282,7 +283,23 @@ def item_statistics(data: TrainingData, exclude_keys: IntArray | None = None) ->
     positives[with_id] = data.item_counts[data.items.id_index[with_id]]
     if exclude_keys is not None and len(exclude_keys):
         positives = np.maximum(positives - np.bincount(exclude_keys % n_items, minlength=n_items), 0)
-    return ItemStats.from_counts(data.items.item_ids, positives, views, clicks, count(EventType.LIKE.value))
+    creator = data.items.creator
+    n_creators = int(creator.max(initial=0)) + 1
+
+    def per_creator(counts: IntArray) -> IntArray:
+        # An item whose creator is unknown pools with nobody: its creator rate is its own.
+        pooled = np.bincount(creator, weights=counts, minlength=n_creators).astype(np.int64)[creator]
+        return np.where(creator > UNKNOWN, pooled, counts)
+
+    return ItemStats.from_counts(
+        data.items.item_ids,
+        positives,
+        views,
+        clicks,
+        count(EventType.LIKE.value),
+        per_creator(views),
+        per_creator(clicks),
+    )
 
 
 def counts_before(event_rows: IntArray, event_ts: IntArray, rows: IntArray, ts_us: IntArray) -> IntArray:
@@ -309,7 +326,10 @@ def counts_before(event_rows: IntArray, event_ts: IntArray, rows: IntArray, ts_u
 
 
 def item_statistics_at(
-    data: TrainingData, positives: Mapping[str, IntArray], rows: IntArray, ts_us: IntArray
+    data: TrainingData,
+    positives: Mapping[str, IntArray],
+    rows: IntArray,
+    ts_us: IntArray,
 ) -> ItemStats:
     """The statistics of :func:`item_statistics` as they stood when each impression was served.
 
@@ -334,20 +354,34 @@ def item_statistics_at(
     event_ts = np.asarray(events.column("ts").cast(pa.int64()).to_numpy(), dtype=np.int64)
     kinds = np.asarray(events.column("event_type").to_pylist(), dtype=np.str_)
     known = event_rows >= 0
+    # Creators are counted like items: the same ordering, keyed by the creator's index.
+    event_creators = data.items.creator[np.maximum(event_rows, 0)]
+    creators = data.items.creator[rows]
 
     def count(kind: str) -> IntArray:
         mask = known & (kinds == kind)
         return counts_before(event_rows[mask], event_ts[mask], rows, ts_us)
 
+    def count_creator(kind: str) -> IntArray:
+        mask = known & (kinds == kind)
+        pooled = counts_before(event_creators[mask], event_ts[mask], creators, ts_us)
+        # An item whose creator is unknown pools with nobody (as in item_statistics).
+        return np.where(creators > UNKNOWN, pooled, count(kind))
+
     positive_rows = data.items.rows_of_id_index(len(data.vocabularies.item))[positives["item_index"]]
     in_catalog = positive_rows >= 0
     clicks = count(EventType.CLICK.value)
+    creator_clicks = count_creator(EventType.CLICK.value)
+    views = np.maximum(count(EventType.VIEW.value), clicks)
+    creator_views = np.maximum(count_creator(EventType.VIEW.value), creator_clicks)
     return ItemStats.from_counts(
         data.items.item_ids[rows],
         counts_before(positive_rows[in_catalog], positives["ts_us"][in_catalog], rows, ts_us),
-        np.maximum(count(EventType.VIEW.value), clicks),
+        views,
         clicks,
         count(EventType.LIKE.value),
+        creator_views,
+        creator_clicks,
     )
 
 
@@ -493,6 +527,9 @@ def sampled_examples(
         positives["surface"][keep][example_of],
         positives["device"][keep][example_of],
         hour_of_day(positives["ts_us"][keep])[example_of],
+        interests=data.interests_by_index()[user_index],
+        region=user_columns["region"][example_of],
+        language=user_columns["language"][example_of],
     )
     example_labels = labels.lookup(user_index, candidate_rows)
     # A training positive is at least a click even when the only event was, say, a long watch.
@@ -526,7 +563,7 @@ def impression_examples(
     """
     files = list(data.snapshot.files["impressions"])
     impressions = pads.dataset(files, format="parquet", filesystem=lake.filesystem).to_table(
-        columns=["user_id", "item_id", "surface", "served_at"]
+        columns=["user_id", "item_id", "surface", "position", "served_at"]
     )
     pairs = pc.binary_join_element_wise(impressions.column("user_id"), impressions.column("item_id"), "\x1f")
     impressions = impressions.filter(pc.invert(pc.is_in(pairs, value_set=held_out_pairs(data.split))))
@@ -538,6 +575,7 @@ def impression_examples(
         keep = keep[np.argsort(served[keep])[-config.max_examples :]]
     users, rows, served = users[keep], rows[keep], served[keep]
     surface = data.vocabularies.surface.lookup(impressions.column("surface").take(pa.array(keep)))
+    position = np.asarray(impressions.column("position").take(pa.array(keep)).to_numpy(), dtype=np.int64)
 
     labels = _outcomes(data, users, rows, served, config.impression_window_s, min_watch_s)
     user_ids = np.asarray(data.vocabularies.user.values, dtype=np.str_)[users - 1]
@@ -550,10 +588,22 @@ def impression_examples(
         surface,
         np.zeros(len(rows), dtype=np.int64),
         hour_of_day(served),
+        interests=data.interests_by_index()[users],
+        region=profile["region"],
+        language=profile["language"],
     )
+    inputs["position"] = position
     stats = item_statistics_at(data, positives, rows, served)
-    for name in ("log_popularity", "ctr", "like_rate"):
-        inputs["dense"][:, DENSE_FEATURES.index(name)] = getattr(stats, name)
+    dense = inputs["dense"]
+    for name in ("log_popularity", "ctr", "like_rate", "creator_ctr"):
+        dense[:, DENSE_FEATURES.index(name)] = getattr(stats, name)
+    # Whether an item has an id embedding, and the item-item table, come from every training
+    # positive, the impression's own click included: an item nobody clicked would have neither,
+    # and the ranker would learn the labels from them. As they stood at serving time: an id once
+    # the item had a positive; the table is left out (held constant, so the model ignores it).
+    dense[:, DENSE_FEATURES.index("has_item_id")] = stats.log_popularity > 0
+    dense[:, DENSE_FEATURES.index("item_item_max")] = 0.0
+    dense[:, DENSE_FEATURES.index("item_item_mean")] = 0.0
     return RankerExamples(inputs=inputs, labels=labels, user_index=users, source="impressions")
 
 
@@ -634,6 +684,8 @@ class RankerJob:
         dense: A sample of the training dense features, to fix their standardisation.
         validation: Held-out examples for AUC per head (rank 0 only), or ``None``.
         list_size: Candidates per list when the examples are lists (listwise objective).
+        watch_weight: Weight of the watch-time loss of the pointwise task (see
+            :func:`watch_loss_weight`).
     """
 
     config: RankerConfig
@@ -641,6 +693,7 @@ class RankerJob:
     dense: FloatArray
     validation: RankerExamples | None = None
     list_size: int | None = None
+    watch_weight: float = 1.0
 
 
 def _model(job: RankerJob) -> MultiTaskRanker:
@@ -717,6 +770,36 @@ def ranker_epoch(
     return loss_sum, steps, rows, time.perf_counter() - started
 
 
+def watch_loss_weight(watch_log1p: FloatArray) -> float:
+    """One over the variance of the watch-time labels (1.0 when they hardly vary).
+
+    The squared error of always predicting the mean is then 1, about a cross-entropy's size.
+    """
+    variance = float(np.var(watch_log1p)) if len(watch_log1p) else 0.0
+    return 1.0 / variance if variance > 1e-3 else 1.0
+
+
+class _BestEpoch:
+    """Early stopping: the epoch with the best validation click AUC and a copy of its weights."""
+
+    def __init__(self, patience: int | None) -> None:
+        self.patience = patience
+        self.epoch: int | None = None
+        self.value = -math.inf
+        self.state: dict[str, Tensor] | None = None
+
+    def update(self, epoch: int, value: float, model: torch.nn.Module) -> None:
+        """Keep ``model``'s weights when ``value`` beats the best so far (only with a patience)."""
+        if self.patience is None or math.isnan(value) or value <= self.value:
+            return
+        self.epoch, self.value = epoch, value
+        self.state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+    def exhausted(self, epoch: int) -> bool:
+        """Whether ``patience`` epochs have passed since the best one."""
+        return self.patience is not None and self.epoch is not None and epoch - self.epoch >= self.patience
+
+
 def ranker_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function of the ranker.
 
@@ -735,7 +818,9 @@ def ranker_loop_per_worker(config: dict[str, Any]) -> None:
     wrapped = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.Adam(wrapped.parameters(), lr=job.config.lr)
     task: MultiTaskTask | ListwiseTask = (
-        ListwiseTask(job.config.pointwise_weight) if job.list_size is not None else MultiTaskTask()
+        ListwiseTask(job.config.pointwise_weight)
+        if job.list_size is not None
+        else MultiTaskTask(job.watch_weight)
     )
     # A dataset row is a whole list when training listwise; the batch keeps about as many candidates.
     batch_size = (
@@ -744,6 +829,7 @@ def ranker_loop_per_worker(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     assert shard is not None, "TorchTrainer was started without a 'train' dataset"
     history: list[dict[str, float]] = []
+    best = _BestEpoch(job.config.patience)
     for epoch in range(1, job.config.epochs + 1):
         batches = shard.iter_torch_batches(
             batch_size=batch_size,
@@ -764,14 +850,23 @@ def ranker_loop_per_worker(config: dict[str, Any]) -> None:
         }
         if rank == 0 and job.validation is not None and len(job.validation):
             metrics.update({f"valid_{k}": v for k, v in head_metrics(model, job.validation).items()})
+            best.update(epoch, metrics.get("valid_auc_click", math.nan), model)
         history.append(metrics)
-        if epoch == job.config.epochs and rank == 0:
+        # Rank 0 alone judges the epoch; every worker must leave the loop at the same epoch.
+        stop = torch.tensor([float(rank == 0 and best.exhausted(epoch))])
+        if world > 1 and dist.is_initialized():
+            dist.broadcast(stop, src=0)
+        last = epoch == job.config.epochs or bool(stop.item())
+        if last and rank == 0:
+            metrics["best_epoch"] = float(best.epoch or epoch)
             with tempfile.TemporaryDirectory() as directory:
-                torch.save(model.state_dict(), Path(directory) / CHECKPOINT_FILE)
+                torch.save(best.state or model.state_dict(), Path(directory) / CHECKPOINT_FILE)
                 (Path(directory) / "history.json").write_text(json.dumps(history))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
+        if last:
+            break
 
 
 @dataclass

@@ -22,7 +22,7 @@ from core.types import Candidate, RequestContext
 from deployments.recommender.scopes import RequestScopes
 from deployments.wire import NO_MODEL, RankReply, RankRequest
 from features.candidate_refs import ITEM_EMBEDDING
-from features.user_context import model_profile, positive_history
+from features.user_context import model_profile, positive_history, profile_interests
 from policies.circuit_breaker import CircuitBreaker
 from policies.surfaces import RankerWeights
 
@@ -110,6 +110,7 @@ class RemoteRankerScorer:
             item_ids=tuple(c.item_id for c in cands),
             head_weights=self._weights,
             embed_top_n=self.embed_top_n,
+            interests=profile_interests(ctx) if ctx.personalization else (),
         )
 
     async def score(self, ctx: RequestContext, cands: list[Candidate]) -> list[Candidate]:

@@ -58,6 +58,8 @@ def catalog() -> ItemFeatures:
         category=category + 1,
         tags=tags,
         creator=category + 1,
+        region=np.zeros(N_ITEMS, dtype=np.int64),
+        language=np.zeros(N_ITEMS, dtype=np.int64),
     )
 
 
@@ -143,6 +145,8 @@ def test_unseen_item_embeds_near_its_category_from_content() -> None:
         category=np.arange(1, N_CATEGORIES + 1, dtype=np.int64),
         tags=np.stack([[2 * c + 1, 2 * c + 2, 0] for c in range(N_CATEGORIES)]).astype(np.int64),
         creator=np.arange(1, N_CATEGORIES + 1, dtype=np.int64),
+        region=np.zeros(N_CATEGORIES, dtype=np.int64),
+        language=np.zeros(N_CATEGORIES, dtype=np.int64),
     )
     fresh = serving.item_embeddings(new_items)
     nearest = np.argmax(fresh @ centroids.T, axis=1)
@@ -348,7 +352,7 @@ def test_ranker_features_model_and_round_trip(tmp_path) -> None:
         [0.9, 0.4, 0.0, 0.0]
     )
     counts = np.arange(N_ITEMS)
-    stats = ItemStats.from_counts(ids, counts, counts * 10, counts, counts // 2)
+    stats = ItemStats.from_counts(ids, counts, counts * 10, counts, counts // 2, counts * 40, counts * 2)
     builder = RankerFeatureBuilder(items, embeddings, stats, similarity, vocabs)
     users = rng.standard_normal((3, 16)).astype(np.float32)
     # History i0 and i3 (vocabulary indices 1 and 4); candidate i1 (row 1) is their neighbour.
@@ -362,6 +366,14 @@ def test_ranker_features_model_and_round_trip(tmp_path) -> None:
     assert dense[0, DENSE_FEATURES.index("item_item_mean")] == pytest.approx((0.9 + 0.4) / 2)
     # i0 and i3 are in category 1, like i1 and i2; item 40 is in another category.
     assert dense[:, DENSE_FEATURES.index("category_affinity")].tolist() == [1.0, 1.0, 0.0]
+    # Items of a category share its tags and its creator here.
+    assert dense[:, DENSE_FEATURES.index("tag_affinity")].tolist() == [1.0, 1.0, 0.0]
+    assert dense[:, DENSE_FEATURES.index("creator_affinity")].tolist() == [1.0, 1.0, 0.0]
+    # A creator's rate pools more exposures than one item's, so it sits nearer its own value.
+    creator_ctr = dense[:, DENSE_FEATURES.index("creator_ctr")]
+    item_ctr = dense[:, DENSE_FEATURES.index("ctr")]
+    assert creator_ctr[2] < item_ctr[2] and abs(creator_ctr[2] - 0.05) < abs(item_ctr[2] - 0.05)
+    assert inputs["position"].tolist() == [0, 0, 0]
 
     model = MultiTaskRanker(
         RankerConfig(hidden_dims=(8,)), RankerSizes(16, len(vocabs.surface), len(vocabs.device))
