@@ -362,11 +362,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             report = loop.run(
                 args.rounds,
                 {"preset": args.preset, "seed": world.seed, "users": world.n_users, "items": world.n_items},
+                cold_rounds=args.cold_rounds,
             )
             print(report.render())
             print(f"JSON written to {report.write_json(out_dir / 'closed_loop.json')}")
             print(f"chart written to {report.plot(out_dir / 'closed_loop.png')}")
-            if report.ctr_change <= 0:
+            if not report.ctr_change > 0:
                 print("note: CTR did not rise across retraining in this run")
         else:
             from training.experiments.simulated_experiment import run_simulated_experiment
@@ -439,8 +440,14 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "--history-events", type=int, default=0, help="events of history before round 0 (default 0)"
     )
     sim.add_argument(
-        "--rounds", type=int, default=3,
-        help="rounds of traffic, retraining between two (A/B, A/A: warm-up rounds + 1; default 3)",
+        "--rounds", type=int, default=4,
+        help="rounds of traffic, retraining after the last cold round and between two later ones "
+        "(A/B, A/A: warm-up rounds + 1; default 4)",
+    )  # fmt: skip
+    sim.add_argument(
+        "--cold-rounds", type=int, default=2,
+        help="rounds served without a model before the first retraining; the last one is the baseline "
+        "(its users' sessions already hold a round's items, as in every later round; default 2)",
     )  # fmt: skip
     sim.add_argument("--active-users", type=int, help="users taking part in each round (default: all)")
     sim.add_argument("--requests-per-user", type=int, default=3, help="requests per user per round")

@@ -205,3 +205,30 @@ def test_ab_arms_split_users_in_half_and_only_the_worse_arm_overrides() -> None:
     assert worse.overrides == WORSE_ARM and worse.overrides.exploration_share == 0.9
     a, b = experiment_arms("aa")
     assert a.overrides == b.overrides and a.name != b.name
+
+
+def test_paired_change_uses_the_users_common_to_both_rounds() -> None:
+    cold = RoundResult.of(0, RoundTraffic(lists=[_served("u1", 1, 10), _served("u2", 2, 10)]), alpha=0.05)
+    later = RoundResult.of(
+        1, RoundTraffic(lists=[_served("u1", 3, 10), _served("u2", 4, 10), _served("u3", 9, 10)]), alpha=0.05
+    )
+    report = LoopReport(world={"preset": "tiny"}, traffic=TrafficConfig(), alpha=0.05, rounds=[cold, later])
+    paired = report.paired_change()
+    assert paired is not None
+    # u3 was not served at cold start: left out of the paired figure, kept in the round's CTR.
+    assert paired.difference.value == pytest.approx(7 / 20 - 3 / 20)
+    assert "paired by user" in report.render()
+    assert report.as_dict()["ctr_change_paired"]["p_value"] is not None
+
+
+def test_retraining_is_measured_against_the_last_cold_round() -> None:
+    rounds = [
+        RoundResult.of(n, RoundTraffic(lists=[_served("u1", c, 10), _served("u2", c, 10)]), alpha=0.05)
+        for n, c in enumerate([5, 2, 4])
+    ]
+    report = LoopReport(world={}, traffic=TrafficConfig(), alpha=0.05, rounds=rounds, cold_rounds=2)
+    assert report.baseline is rounds[1]
+    assert report.ctr_change == pytest.approx(0.4 - 0.2)
+    assert "without a model (round 1)" in report.render()
+    only_cold = LoopReport(world={}, traffic=TrafficConfig(), alpha=0.05, rounds=rounds[:2], cold_rounds=2)
+    assert only_cold.baseline is None and math.isnan(only_cold.ctr_change)

@@ -40,7 +40,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.schema import EventType
-from training.experiments.stats import Estimate, RatioMoments, ratio_estimate
+from training.experiments.stats import Comparison, Estimate, RatioMoments, compare_paired, ratio_estimate
 from training.synthetic import WorldTruth, outcome_probabilities
 
 F64 = npt.NDArray[np.float64]
@@ -467,6 +467,7 @@ class RoundResult:
         impressions_logged: Impression rows the lake gained with the round (serving drops a log
             entry rather than fail a request when Redis is slow; the model-version probes after a
             promotion add a few); None until the lake was read.
+        per_user: Each user's ``(clicks, impressions)`` in the round, for paired comparisons.
     """
 
     round: int
@@ -487,6 +488,7 @@ class RoundResult:
     train_s: float | None = None
     next_version: str | None = None
     impressions_logged: int | None = None
+    per_user: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, number: int, traffic: RoundTraffic, alpha: float) -> RoundResult:
@@ -528,6 +530,7 @@ class RoundResult:
             request_ids=tuple(s.request_id for s in traffic.lists),
             started_at=traffic.started_at,
             ended_at=traffic.ended_at,
+            per_user={u: (clicks[u], shown[u]) for u in users},
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -568,13 +571,37 @@ class LoopReport:
     traffic: TrafficConfig
     alpha: float
     rounds: list[RoundResult] = field(default_factory=list)
+    cold_rounds: int = 1
+
+    @property
+    def baseline(self) -> RoundResult | None:
+        """The last round served without a model: what retraining is measured against."""
+        cold = self.rounds[: self.cold_rounds]
+        return cold[-1] if cold and len(self.rounds) > len(cold) else None
 
     @property
     def ctr_change(self) -> float:
-        """Last round's CTR minus the cold-start round's (NaN with one round)."""
-        if len(self.rounds) < 2:
-            return math.nan
-        return self.rounds[-1].ctr.value - self.rounds[0].ctr.value
+        """Last round's CTR minus the baseline round's (NaN before a retrained round)."""
+        base = self.baseline
+        return math.nan if base is None else self.rounds[-1].ctr.value - base.ctr.value
+
+    def paired_change(self) -> Comparison | None:
+        """Last round's CTR against the baseline's over the users served in both, paired by user.
+
+        The same users take part in every round, so a user's taste enters both CTRs; pairing
+        removes it from the comparison's noise. None before a retrained round or without common
+        users.
+        """
+        base = self.baseline
+        if base is None:
+            return None
+        first, last = base.per_user, self.rounds[-1].per_user
+        users = sorted(set(first) & set(last))
+        if len(users) < 2:
+            return None
+        after = ([last[u][0] for u in users], [last[u][1] for u in users])
+        before = ([first[u][0] for u in users], [first[u][1] for u in users])
+        return compare_paired(after, before, self.alpha)
 
     def render(self) -> str:
         """The per-round table."""
@@ -589,12 +616,20 @@ class LoopReport:
                 f"{r.round:>5}  {r.model_version:<26} {r.users:>6} {r.requests:>8} {r.impressions:>11} "
                 f"{r.clicks:>7}  {r.ctr.value:.4f}  {interval:<17} {sum(r.fallbacks.values()):>9}"
             )
-        if len(self.rounds) >= 2:
-            first, last = self.rounds[0].ctr, self.rounds[-1].ctr
+        base = self.baseline
+        if base is not None:
+            first, last = base.ctr, self.rounds[-1].ctr
             lines.append(
-                f"CTR {first.value:.4f} at cold start -> {last.value:.4f} after "
-                f"{len(self.rounds) - 1} retraining(s) ({self.ctr_change:+.4f})"
+                f"CTR {first.value:.4f} without a model (round {base.round}) -> {last.value:.4f} after "
+                f"{len(self.rounds) - self.cold_rounds} retraining(s) ({self.ctr_change:+.4f})"
             )
+            paired = self.paired_change()
+            if paired is not None:
+                d = paired.difference
+                lines.append(
+                    f"paired by user: {d.value:+.4f} [{d.ci_low:+.4f}, {d.ci_high:+.4f}], "
+                    f"{100 * paired.relative.value:+.1f} %, p = {paired.p_value:.2g}"
+                )
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
@@ -603,8 +638,11 @@ class LoopReport:
             "world": self.world,
             "traffic": self.traffic.model_dump(mode="json"),
             "alpha": self.alpha,
+            "cold_rounds": self.cold_rounds,
+            "baseline_round": None if (base := self.baseline) is None else base.round,
             "rounds": [r.as_dict() for r in self.rounds],
             "ctr_change": None if math.isnan(self.ctr_change) else self.ctr_change,
+            "ctr_change_paired": None if (paired := self.paired_change()) is None else paired.as_dict(),
         }
 
     def write_json(self, path: str | Path) -> Path:
@@ -854,20 +892,30 @@ class ClosedLoop:
         self.log(f"retrained and serving {version} after {elapsed:.1f} s")
         return version, elapsed
 
-    def run(self, rounds: int, world: Mapping[str, Any]) -> LoopReport:
-        """Run ``rounds`` rounds with a retraining between two.
+    def run(self, rounds: int, world: Mapping[str, Any], *, cold_rounds: int = 1) -> LoopReport:
+        """Run ``rounds`` rounds, the first ``cold_rounds`` without a model, retraining after each.
+
+        A user's session keeps the items they reacted to (up to ``session_items_max``), and
+        ``excludeSeen`` leaves them out, so the very first round, served to empty sessions, has
+        more to choose from than any later one. Retraining is measured against the last cold
+        round, served as later rounds are; with ``cold_rounds=1`` that is round 0 itself.
 
         Args:
-            rounds: Number of rounds (at least 1; round 0 is the cold start).
+            rounds: Number of rounds (at least 1).
             world: Description of the world, copied into the report.
+            cold_rounds: Rounds served without a model before the first retraining (at least 1).
 
         Returns:
             The report.
         """
-        report = LoopReport(world=dict(world), traffic=self.traffic, alpha=self.alpha)
+        if cold_rounds < 1:
+            raise ValueError(f"cold_rounds must be at least 1, got {cold_rounds}")
+        report = LoopReport(
+            world=dict(world), traffic=self.traffic, alpha=self.alpha, cold_rounds=cold_rounds
+        )
         for number in range(rounds):
             result = self.round(number)
-            if number + 1 < rounds:
+            if cold_rounds - 1 <= number < rounds - 1:
                 version, seconds = self.retrain()
                 result = replace(result, train_s=round(seconds, 1), next_version=version)
             report.rounds.append(result)
