@@ -308,8 +308,11 @@ def prepare(settings: Settings) -> None:
 
     ``rayrec demo`` does exactly that (and checks that the app answers) before it returns.
     """
+    # The interpreter running this script, so the command works without an activated venv.
     command = [
-        "rayrec",
+        sys.executable,
+        "-m",
+        "cluster.cli",
         "demo",
         "--preset",
         "benchmark",
