@@ -489,10 +489,14 @@ class TrainingData:
         matrix = self.user_history[self.vocabularies.user.lookup(list(user_ids))]
         return [[str(values[i]) for i in row if i > 0] for row in matrix]
 
+    def _user_positions(self, user_ids: Sequence[str]) -> IntArray:
+        """Row of each user in :attr:`users`, -1 for users it does not hold."""
+        rows = {u: i for i, u in enumerate(self.users.user_ids.tolist())}
+        return np.asarray([rows.get(u, -1) for u in user_ids], dtype=np.int64)
+
     def user_interests(self, user_ids: Sequence[str]) -> IntArray:
         """Each user's onboarding interests as ``category`` indices, 0-padded (zeros when unknown)."""
-        rows = {u: i for i, u in enumerate(self.users.user_ids.tolist())}
-        positions = np.asarray([rows.get(u, -1) for u in user_ids], dtype=np.int64)
+        positions = self._user_positions(user_ids)
         out = np.zeros((len(positions), self.users.interests.shape[1]), dtype=np.int64)
         known = positions >= 0
         out[known] = self.users.interests[positions[known]]
@@ -514,8 +518,7 @@ class TrainingData:
         Returns:
             Columns ``user_bucket``, ``history``, ``age_group``, ``region``, ``language``.
         """
-        rows = {u: i for i, u in enumerate(self.users.user_ids.tolist())}
-        positions = np.asarray([rows.get(u, -1) for u in user_ids], dtype=np.int64)
+        positions = self._user_positions(user_ids)
         known = positions >= 0
         safe = np.where(known, positions, 0)
         profile = {
@@ -606,12 +609,12 @@ def build_training_data(lake: Lake, config: DatasetConfig) -> TrainingData:
     # very profile of them that they asked not to have.
     excluded = pc.or_(users_latest.column("erased"), pc.invert(users_latest.column("personalization")))
     removed_items = items_latest.filter(removed).column("item_id").to_pylist()
-    erased_users = users_latest.filter(excluded).column("user_id").to_pylist()
+    excluded_users = users_latest.filter(excluded).column("user_id").to_pylist()
     catalog = items_latest.filter(pc.invert(removed))
     active_users = users_latest.filter(pc.invert(excluded))
 
     events = read_clean_events(
-        lake, snapshot.files["events"], config, erased_users=erased_users, removed_items=removed_items
+        lake, snapshot.files["events"], config, erased_users=excluded_users, removed_items=removed_items
     ).materialize()
     driver_events = to_arrow(
         events, ["user_id", "item_id", "event_type", "ts", "rating", "watch_time_s", "surface", "device"]

@@ -362,18 +362,19 @@ def item_statistics_at(
         mask = known & (kinds == kind)
         return counts_before(event_rows[mask], event_ts[mask], rows, ts_us)
 
-    def count_creator(kind: str) -> IntArray:
+    def count_creator(kind: str, own: IntArray) -> IntArray:
         mask = known & (kinds == kind)
         pooled = counts_before(event_creators[mask], event_ts[mask], creators, ts_us)
-        # An item whose creator is unknown pools with nobody (as in item_statistics).
-        return np.where(creators > UNKNOWN, pooled, count(kind))
+        # An item whose creator is unknown pools with nobody (as in item_statistics): its own count.
+        return np.where(creators > UNKNOWN, pooled, own)
 
     positive_rows = data.items.rows_of_id_index(len(data.vocabularies.item))[positives["item_index"]]
     in_catalog = positive_rows >= 0
     clicks = count(EventType.CLICK.value)
-    creator_clicks = count_creator(EventType.CLICK.value)
-    views = np.maximum(count(EventType.VIEW.value), clicks)
-    creator_views = np.maximum(count_creator(EventType.VIEW.value), creator_clicks)
+    item_views = count(EventType.VIEW.value)
+    creator_clicks = count_creator(EventType.CLICK.value, clicks)
+    views = np.maximum(item_views, clicks)
+    creator_views = np.maximum(count_creator(EventType.VIEW.value, item_views), creator_clicks)
     return ItemStats.from_counts(
         data.items.item_ids[rows],
         counts_before(positive_rows[in_catalog], positives["ts_us"][in_catalog], rows, ts_us),
