@@ -41,6 +41,10 @@ class FeatureTypeError(TypeError):
         self.ref = ref
 
 
+_VALID_REFS: set[str] = set()
+_VALID_REFS_MAX: Final = 4096
+
+
 def validate_feature_ref(ref: str) -> str:
     """Check that ``ref`` is a ``view:feature`` reference.
 
@@ -53,10 +57,16 @@ def validate_feature_ref(ref: str) -> str:
     Raises:
         FeatureRefError: ``ref`` does not match ``^[a-z][a-z0-9_]*:[a-z][a-z0-9_]*$``.
     """
+    if type(ref) is str and ref in _VALID_REFS:
+        return ref
     if not isinstance(ref, str) or FEATURE_REF_RE.match(ref) is None:
         raise FeatureRefError(
             f"feature reference {ref!r} is not 'view:feature' (snake_case, e.g. 'item:ctr_7d')"
         )
+    # References are a few dozen names fixed in code and config, checked hundreds of thousands
+    # of times a second on the request path; the cap only guards against unbounded inputs.
+    if len(_VALID_REFS) < _VALID_REFS_MAX:
+        _VALID_REFS.add(ref)
     return ref
 
 
@@ -66,6 +76,9 @@ def _is_number(value: object) -> bool:
 
 
 def _normalize(ref: str, value: FeatureInput) -> FeatureValue:
+    kind = type(value)
+    if kind is float or kind is str or kind is int or kind is bool:
+        return cast(FeatureValue, value)
     if isinstance(value, bool | str):
         return value
     if isinstance(value, numbers.Integral):
@@ -184,8 +197,13 @@ class FeatureMap(Mapping[str, FeatureValue]):
             FeatureRefError: ``ref`` is malformed.
             FeatureTypeError: The feature is present but not a number.
         """
-        value = self._lookup(ref)
+        value = self._values.get(ref)
+        if type(value) is float:
+            return value
+        if type(value) is int:
+            return float(value)
         if value is None:
+            validate_feature_ref(ref)
             return default
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise FeatureTypeError(ref, "float", value)
@@ -205,8 +223,11 @@ class FeatureMap(Mapping[str, FeatureValue]):
             FeatureRefError: ``ref`` is malformed.
             FeatureTypeError: The feature is present but not an int.
         """
-        value = self._lookup(ref)
+        value = self._values.get(ref)
+        if type(value) is int:
+            return value
         if value is None:
+            validate_feature_ref(ref)
             return default
         if isinstance(value, bool) or not isinstance(value, int):
             raise FeatureTypeError(ref, "int", value)
@@ -247,8 +268,11 @@ class FeatureMap(Mapping[str, FeatureValue]):
             FeatureRefError: ``ref`` is malformed.
             FeatureTypeError: The feature is present but not a string.
         """
-        value = self._lookup(ref)
+        value = self._values.get(ref)
+        if type(value) is str:
+            return value
         if value is None:
+            validate_feature_ref(ref)
             return default
         if not isinstance(value, str):
             raise FeatureTypeError(ref, "str", value)

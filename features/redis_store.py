@@ -13,9 +13,12 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import hiredis
 import redis
 import redis.asyncio as aredis
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import DataError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core.settings import Settings
@@ -67,6 +70,34 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
+class _HiredisPacking:
+    """Packs commands with hiredis, as redis-py's sync client does and its asyncio client does not.
+
+    The request path sends commands of hundreds of arguments (``SMISMEMBER`` and ``MGET`` over a
+    request's candidates); packing them argument by argument in Python cost about a millisecond
+    per request.
+    """
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        """The command in the Redis protocol, as one buffer."""
+        if isinstance(args[0], str):
+            args = tuple(args[0].encode().split()) + args[1:]
+        elif b" " in args[0]:
+            args = tuple(args[0].split()) + args[1:]
+        args = tuple(bytes(a) if isinstance(a, bytearray | memoryview) else a for a in args)
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError as exc:
+            raise DataError(str(exc)) from exc
+
+
+def _hiredis_packing(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
+    """``connection_class`` packing its commands with hiredis."""
+    if issubclass(connection_class, _HiredisPacking):
+        return connection_class
+    return type(f"Hiredis{connection_class.__name__}", (_HiredisPacking, connection_class), {})
+
+
 class RedisStore:
     """Pooled access to the online store of one namespace.
 
@@ -98,6 +129,7 @@ class RedisStore:
         # "too many connections" the moment the pool is exhausted.
         self.pool: redis.ConnectionPool = redis.BlockingConnectionPool.from_url(url, **options)
         self.apool: aredis.ConnectionPool = aredis.BlockingConnectionPool.from_url(url, **options)
+        self.apool.connection_class = _hiredis_packing(self.apool.connection_class)
         self.client: redis.Redis = redis.Redis(connection_pool=self.pool)
         self.aclient: aredis.Redis = aredis.Redis(connection_pool=self.apool)
 

@@ -84,7 +84,8 @@ class ExplorationPolicy:
         for slot in slots:
             if slot > len(listed):
                 break
-            eligible = [c for c in pool if c.item_id not in explored and self._fits(listed, slot, c)]
+            creators = [creator_of(c) for c in listed]
+            eligible = [c for c in pool if c.item_id not in explored and self._fits(creators, slot, c)]
             if not eligible:
                 continue
             index, probability = self.sampler.choose(rng, eligible)
@@ -99,8 +100,8 @@ class ExplorationPolicy:
         rest = [c for c in pool if c.item_id not in explored]
         return listed + rest + tail + sponsored
 
-    def _fits(self, listed: list[Candidate], slot: int, cand: Candidate) -> bool:
+    def _fits(self, creators: list[str | None], slot: int, cand: Candidate) -> bool:
         if self.creator_cap is None:
             return True
         max_per_window, window = self.creator_cap
-        return fits_at([creator_of(c) for c in listed], slot, creator_of(cand), max_per_window, window)
+        return fits_at(creators, slot, creator_of(cand), max_per_window, window)

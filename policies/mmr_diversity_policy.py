@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -41,10 +42,31 @@ class _Similarity:
         a, b = self._vectors[i], self._vectors[j]
         if a is not None and b is not None and a.shape == b.shape:
             return float(a @ b)
+        return self._jaccard(i, j)
+
+    def _jaccard(self, i: int, j: int) -> float:
         ka, kb = self._keys[i], self._keys[j]
         if not ka or not kb:
             return 0.0
         return len(ka & kb) / len(ka | kb)
+
+    def matrix(self) -> NDArray[np.float64]:
+        """Every pair's similarity at once: one matrix product per embedding size, Jaccard elsewhere."""
+        n = len(self._vectors)
+        out = np.zeros((n, n), dtype=np.float64)
+        covered = np.zeros((n, n), dtype=bool)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, vector in enumerate(self._vectors):
+            if vector is not None:
+                by_shape.setdefault(vector.shape, []).append(i)
+        for rows in by_shape.values():
+            block = np.stack([cast(NDArray[np.float64], self._vectors[i]) for i in rows])
+            cells = np.ix_(rows, rows)
+            out[cells] = block @ block.T
+            covered[cells] = True
+        for i, j in zip(*np.nonzero(np.triu(~covered, k=1)), strict=True):
+            out[i, j] = out[j, i] = self._jaccard(int(i), int(j))
+        return out
 
 
 def intra_list_similarity(cands: list[Candidate]) -> float:
@@ -93,15 +115,18 @@ class MmrDiversityPolicy:
         low, high = min(scores), max(scores)
         span = high - low
         relevance = [(s - low) / span if span > 0 else 1.0 for s in scores]
-        sim = _Similarity(pool)
+        similarity = _Similarity(pool).matrix()
         lam = self.diversity_lambda
-        remaining = list(range(len(pool)))
-        closest = [0.0] * len(pool)
+        weighted = lam * np.asarray(relevance, dtype=np.float64)
+        closest = np.zeros(len(pool), dtype=np.float64)
+        chosen = np.zeros(len(pool), dtype=bool)
         order: list[int] = []
-        while remaining:
-            best = max(remaining, key=lambda i: (lam * relevance[i] - (1.0 - lam) * closest[i], -i))
-            remaining.remove(best)
+        for _ in range(len(pool)):
+            value = weighted - (1.0 - lam) * closest
+            value[chosen] = -np.inf
+            # argmax takes the first of equal values: ties go to the better-ranked candidate.
+            best = int(np.argmax(value))
+            chosen[best] = True
             order.append(best)
-            for i in remaining:
-                closest[i] = max(closest[i], sim(best, i))
+            np.maximum(closest, similarity[best], out=closest)
         return [pool[i] for i in order] + rest + sponsored

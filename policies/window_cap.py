@@ -101,8 +101,8 @@ def fits_at(
     """
     if key is None:
         return True
-    after = [*keys[:position], key, *keys[position:]]
-    for start in range(max(0, position - window + 1), position + 1):
-        if after[start : start + window].count(key) > max_per_window:
-            return False
-    return True
+    # Only the windows holding the new item can break, so only their span of the list is built.
+    low = max(0, position - window + 1)
+    span = [*keys[low:position], key, *keys[position : position + window - 1]]
+    starts = range(position - low + 1)
+    return all(span[start : start + window].count(key) <= max_per_window for start in starts)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterable
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -125,14 +127,19 @@ class ContentSource:
         mix = self.mix
         lists: list[tuple[float, list[tuple[str, str]]]] = []
         for category, weight in _shares(mix.category_share, categories):
-            items = [(i, f"{verb} {category}") for i in index.category(category) if i not in consumed]
-            lists.append((weight, items))
+            lists.append((weight, self._unseen(index.category(category), consumed, f"{verb} {category}")))
         for tag, weight in _shares(mix.tag_share, tags):
-            lists.append((weight, [(i, f"More {tag} for you") for i in index.tag(tag) if i not in consumed]))
+            lists.append((weight, self._unseen(index.tag(tag), consumed, f"More {tag} for you")))
         for creator, weight in _shares(mix.creator_share, creators):
             newest = index.newest_first(creator_items.get(creator, ()))
-            lists.append((weight, [(i, "More from a creator you like") for i in newest if i not in consumed]))
+            lists.append((weight, self._unseen(newest, consumed, "More from a creator you like")))
         return self._merge(lists)
+
+    def _unseen(self, items: Iterable[str], consumed: set[str], reason: str) -> list[tuple[str, str]]:
+        # No list contributes more than max_candidates (see _merge's quotas), and a category of a
+        # large catalog holds thousands of items: stop at what can be used.
+        fresh = (i for i in items if i not in consumed)
+        return [(i, reason) for i in itertools.islice(fresh, self.max_candidates)]
 
     def _merge(self, lists: list[tuple[float, list[tuple[str, str]]]]) -> list[Candidate]:
         if not lists:

@@ -4,6 +4,7 @@ import asyncio
 import re
 
 import pytest
+import redis.asyncio as aredis
 
 from core.schema import EntityType
 from core.settings import Settings
@@ -124,3 +125,20 @@ def test_unreachable_redis_names_the_url() -> None:
 def test_password_is_never_shown() -> None:
     assert redact_url("redis://user:s3cret@host:6380/1") == "redis://user:***@host:6380/1"
     assert "s3cret" not in repr(RedisStore("redis://:s3cret@127.0.0.1:6399/0", "x"))
+
+
+def test_async_commands_are_packed_as_redis_py_packs_them() -> None:
+    store = RedisStore("redis://127.0.0.1:6379/0", "pack-test")
+    try:
+        connection = store.apool.connection_class()
+        reference = aredis.Connection()
+        for args in [
+            ("MGET", "a", "b", "héllo"),
+            ("SET", "k", 0.1 + 0.2),
+            ("INCRBY", "k", 12345678901234567890),
+            ("CONFIG GET", "maxmemory"),
+            ("SET", b"k", bytearray(b"v"), memoryview(b"w")),
+        ]:
+            assert b"".join(connection.pack_command(*args)) == b"".join(reference.pack_command(*args)), args
+    finally:
+        store.close()

@@ -12,7 +12,7 @@ from policies.category_spread_policy import CategorySpreadPolicy
 from policies.creator_cap_policy import CreatorCapPolicy, creator_of
 from policies.dedupe_policy import DedupePolicy
 from policies.freshness_boost_policy import FreshnessBoostPolicy
-from policies.mmr_diversity_policy import MmrDiversityPolicy, intra_list_similarity
+from policies.mmr_diversity_policy import MmrDiversityPolicy, _Similarity, intra_list_similarity
 from policies.window_cap import fits_at, window_capped
 from tests.unit.serving_fixtures import cand, ids, make_ctx
 
@@ -172,3 +172,23 @@ def test_mmr_with_lambda_one_keeps_the_ranking() -> None:
 def test_mmr_rejects_invalid_parameters(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         MmrDiversityPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+def test_mmr_similarity_matrix_agrees_with_the_pairwise_similarity() -> None:
+    # Embeddings of two sizes and none at all: every pair takes the measure the pairwise rule says.
+    rng = random.Random(3)
+    given = []
+    for k in range(30):
+        extra = {}
+        if k % 3 == 0:
+            extra = {ITEM_EMBEDDING: tuple(rng.uniform(-1, 1) for _ in range(4))}
+        elif k % 3 == 1 and k % 2 == 0:
+            extra = {ITEM_EMBEDDING: tuple(rng.uniform(-1, 1) for _ in range(3))}
+        tags = tuple(f"t{rng.randrange(4)}" for _ in range(rng.randrange(3)))
+        given.append(cand(f"i{k}", float(k), category=rng.choice(["a", "b", ""]), tags=tags, extra=extra))
+    sim = _Similarity(given)
+    matrix = sim.matrix()
+    for i in range(len(given)):
+        for j in range(len(given)):
+            if i != j:
+                assert matrix[i, j] == pytest.approx(sim(i, j), abs=1e-12), (i, j)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -397,3 +398,14 @@ def test_ranker_features_model_and_round_trip(tmp_path) -> None:
         loaded.score(users[0], history[0], np.array([1, 2, 40]), surface="video", hour=13), scores
     )
     assert loaded.surface_weights["video"].watch_time == 5.0
+
+
+def test_vocabulary_lookup_is_the_same_by_value_and_by_arrow() -> None:
+    vocab = Vocabulary("i", tuple(f"i{k}" for k in range(5000)))
+    values = ["i3", None, "", "nope", "i4999", "i0", "i3"]
+    expected = [4, 0, 0, 0, 5000, 1, 4]
+    assert vocab.lookup(values).tolist() == expected
+    assert vocab.lookup(pa.array(values, type=pa.string())).tolist() == expected
+    # Longer inputs go through Arrow; the answer must not change with the path.
+    many = values * 1000
+    assert vocab.lookup(many).tolist() == expected * 1000
