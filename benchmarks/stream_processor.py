@@ -14,6 +14,9 @@ copies of the stream:
    profiler slows Python down, so the split is reported as shares applied to the unprofiled
    total.
 
+The process collects garbage as the processor actor's does (:func:`features.consumer_loop.relax_gc`);
+``--default-gc`` keeps Python's defaults, for comparison.
+
     python -m benchmarks.stream_processor                    # 50,000 events, batches of 2,000
     python -m benchmarks.stream_processor --events 20000 --batch 500
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import json
 import os
 import pstats
@@ -38,6 +42,7 @@ import redis
 from benchmarks.ingest import LOOPBACK, Workload
 from core.schema import UserEvent
 from core.settings import Settings
+from features.consumer_loop import relax_gc
 from features.metrics import StreamMetrics
 from features.redis_store import RedisStore
 from features.stream_codec import encode_event
@@ -196,10 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--batch", type=int, default=2_000, help="most entries per batch (XREADGROUP COUNT)")
     parser.add_argument("--no-profile", action="store_true", help="skip the profiled pass")
+    parser.add_argument(
+        "--default-gc",
+        action="store_true",
+        help="keep Python's default collector thresholds rather than the processor actor's",
+    )
     parser.add_argument("--label", default="", help="free text stored with the result")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/stream_processor.json"))
     args = parser.parse_args(argv)
 
+    if not args.default_gc:
+        relax_gc()  # as StreamProcessorActor does in its own process
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     # A generous timeout: on a shared, busy machine one batch's script can wait seconds for Redis.
     settings = Settings.from_env(redis_url=args.redis_url, namespace=namespace, redis_timeout_s=30.0)
@@ -212,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "group": GROUP,
         "load_before": [round(x, 2) for x in os.getloadavg()],
+        "gc_threshold": list(gc.get_threshold()),
     }
     try:
         fresh(store, workload, args.events)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from fastapi import FastAPI
@@ -64,8 +65,18 @@ class Ingress:
             self._services.stream_stats = stream_stats
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        """Called by Serve after ``__init__``: the app is built over this replica's services."""
-        return create_app(self._services)
+        """Called by Serve after ``__init__``: the app is built over this replica's services.
+
+        What the replica holds by now (Ray, Serve, torch, the app) lives as long as it does, and
+        is moved out of the cyclic collector's reach with ``gc.freeze``. Otherwise every full
+        collection walks all of it: a batch of events allocates thousands of objects, and with
+        this heap in place the collector took 6 of the batch route's 15 us of CPU per event
+        (3 of 13 without it); frozen, 0.7 of 9.
+        """
+        app = create_app(self._services)
+        gc.collect()
+        gc.freeze()
+        return app
 
     def __del__(self) -> None:
         services = getattr(self, "_services", None)

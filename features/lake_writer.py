@@ -30,7 +30,7 @@ from core.lake import Lake
 from core.settings import Settings
 from core.tables import EDGES, EVENTS, IMPRESSIONS, ITEMS, USERS, TableSpec
 from features.catalog_changes import decode_change
-from features.consumer_loop import ConsumerLoop
+from features.consumer_loop import ConsumerLoop, relax_gc
 from features.metrics import StreamMetrics, default_metrics
 from features.records import EventRecord
 from features.redis_store import RedisStore
@@ -347,6 +347,7 @@ class LakeWriterActor:
         trim_every_s: float | None = 60.0,
         autostart: bool = True,
     ) -> None:
+        relax_gc()  # the actor has its process to itself
         self._store = RedisStore.from_settings(settings)
         self._writer = LakeWriter(
             self._store,

@@ -30,7 +30,7 @@ from typing import Any, Final
 import ray
 
 from core.settings import Settings
-from features.consumer_loop import ConsumerLoop
+from features.consumer_loop import ConsumerLoop, relax_gc
 from features.metrics import StreamMetrics, default_metrics
 from features.online_store import OnlineFeatureStore
 from features.params import DEFAULT_PARAMS, FeatureParams
@@ -287,6 +287,7 @@ class StreamProcessorActor:
         state_cache_size: int = STATE_CACHE_SIZE,
         autostart: bool = True,
     ) -> None:
+        relax_gc()  # the actor has its process to itself
         self._store = RedisStore.from_settings(settings)
         online = OnlineFeatureStore(
             self._store, params=params or DEFAULT_PARAMS, state_cache_size=state_cache_size

@@ -140,6 +140,24 @@ def test_negative_feedback_holds_before_the_answer(
     assert _stream(store)[0].event_type.value == feedback
 
 
+def test_a_batch_is_stored_in_order_with_its_exclusions(client: TestClient, store: RedisStore) -> None:
+    # The intake sends a batch's payloads as one newline-separated argument: values holding
+    # newlines and separators must come back whole, each event in its own entry.
+    events = [
+        _event(eventId="b0", eventType="hide", itemId="i1"),
+        _event(eventId="b1", context={"extra": {"note": "two\nlines", "sep": "},{"}}),
+        _event(eventId="b2", eventType="report", userId="u9", itemId="i2"),
+        _event(eventId="b3"),
+    ]
+    response = client.post("/api/events/batch", json={"events": events})
+    assert response.status_code == 202, response.text
+    stored = _stream(store)
+    assert [e.event_id for e in stored] == ["b0", "b1", "b2", "b3"]
+    assert stored[1].context.extra == {"note": "two\nlines", "sep": "},{"}
+    assert store.client.smembers(store.keys.exclusions("u123")) == {"i1"}
+    assert store.client.smembers(store.keys.exclusions("u9")) == {"i2"}
+
+
 def test_admin_routes_need_the_token(client: TestClient, store: RedisStore) -> None:
     assert client.post("/api/items", json=_item()).status_code == 401
     wrong = client.post("/api/items", json=_item(), headers={"Authorization": "Bearer nope"})

@@ -4,6 +4,7 @@ import asyncio
 import re
 
 import pytest
+import redis
 import redis.asyncio as aredis
 
 from core.schema import EntityType
@@ -108,6 +109,15 @@ def test_delete_namespace_keeps_other_namespaces(store: RedisStore, redis_settin
     finally:
         other.delete_namespace()
         other.close()
+
+
+def test_eval_many_answers_as_eval_does(store: RedisStore) -> None:
+    script = "return {#KEYS, ARGV[1], tonumber(ARGV[2]) + 1, {ARGV[#ARGV]}}"
+    args: list[str | bytes | int] = ["k1", "k2", "é", 41, *(str(i) for i in range(5000)), b"last"]
+    assert store.eval_many(script, 2, *args) == store.client.eval(script, 2, *args) == [2, "é", 42, ["last"]]
+    with pytest.raises(redis.ResponseError):
+        store.eval_many("return redis.error_reply('refused')", 0)
+    assert store.eval_many("return 1", 0) == 1  # the connection is still good
 
 
 def test_unreachable_redis_names_the_url() -> None:

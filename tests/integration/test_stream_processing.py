@@ -190,6 +190,23 @@ def test_a_like_through_the_stream_updates_user_item_creator_and_trending(
     assert applied == 1.0
 
 
+def test_a_changed_catalog_record_reaches_the_next_batch(store: RedisStore, metrics: StreamMetrics) -> None:
+    # The processor keeps decoded catalog records keyed by their JSON: a moved item must count
+    # toward its new category and creator from the next batch on.
+    items = put_items(store, 1)
+    processor = StreamProcessor(store, "p1", metrics=metrics)
+    first = UserEvent(user_id="u1", item_id=items[0], event_type=EventType.LIKE)
+    xadd_events(store, [first])
+    assert processor.drain() == 1
+    record = store.mget_json([store.keys.item(items[0])])[0]
+    assert record is not None
+    store.mset_json({store.keys.item(items[0]): {**record, "category": "news", "creator_id": "creator-2"}})
+    xadd_events(store, [UserEvent(user_id="u2", item_id=items[0], event_type=EventType.LIKE)])
+    assert processor.drain() == 1
+    assert served(store, EntityType.USER, ["u2"])[0]["user_activity:top_categories"] == ["news"]
+    assert served(store, EntityType.CREATOR, ["creator-2"])[0]["creator_quality:event_count"] == 1
+
+
 def test_async_reads_match_sync_reads(store: RedisStore) -> None:
     items = put_items(store, 2)
     online = OnlineFeatureStore(store)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -80,6 +81,21 @@ def test_oversized_context_as_a_whole_is_refused() -> None:
     with pytest.raises(ValidationError) as info:
         UserEvent.model_validate(_event(context={"extra": extra}))
     assert "context" in str(info.value)
+
+
+def test_a_context_without_extra_keys_cannot_exceed_the_limit() -> None:
+    # EventContext only measures contexts with extra keys; this is the largest one without.
+    label = "\U0001f600" * 64  # astral characters: 12 bytes each once escaped in JSON
+    context = {
+        "surface": label,
+        "device": "desktop",
+        "region": label,
+        "requestId": "r" * 128,
+        "position": 10_000,
+    }
+    event = UserEvent.model_validate(_event(context=context))
+    size = len(json.dumps(event.context.model_dump(mode="json", exclude_none=True), separators=(",", ":")))
+    assert size < MAX_CONTEXT_BYTES
 
 
 def test_missing_user_is_named() -> None:
