@@ -34,6 +34,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.settings import Settings
+from deployments.commands import SERVE_ENVIRONMENT
 
 LOOPBACK = "127.0.0.1"
 NODE_IP = "127.0.0.2"
@@ -228,6 +229,8 @@ def _environment(state: ClusterState) -> dict[str, str]:
     for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(name, None)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    for name, value in SERVE_ENVIRONMENT.items():
+        env.setdefault(name, value)
     env.update(state.client_env())
     env.update(state.spec.env)
     return env

@@ -29,6 +29,30 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings.from_env(None, **overrides)
 
 
+SERVE_ENVIRONMENT: dict[str, str] = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+}
+"""Serve's settings for the read path, in every Ray worker (controller, proxy, replicas).
+
+``RAY_SERVE_THROUGHPUT_OPTIMIZED`` runs replica code and handle routing on the replica's own event
+loop instead of hopping between threads, calls deployments over gRPC and buffers the access
+log: at 30 requests/s on the 100k-item benchmark it cut the median from 58 to 39 ms and the
+requests whose ranker was late from half to 2 %. It would also turn on direct ingress (each
+ingress replica listening on a port of its own, without the proxy), which needs a load
+balancer in front, so that stays off. Only Ray's workers get these: a driver that calls
+deployments from synchronous code needs Serve's default of routing on a thread of its own.
+"""
+
+
+def ray_runtime_env() -> dict[str, Any]:
+    """The job-level ``runtime_env`` that gives every worker :data:`SERVE_ENVIRONMENT`.
+
+    A value already in this process' environment wins, so an operator can override each one.
+    """
+    return {"env_vars": {name: os.environ.get(name, value) for name, value in SERVE_ENVIRONMENT.items()}}
+
+
 def connect_ray(num_cpus: int | None) -> None:
     """Join the Ray cluster of this process (``RAY_ADDRESS``), or start a local one."""
     import ray
@@ -37,9 +61,11 @@ def connect_ray(num_cpus: int | None) -> None:
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
+        ray.init(log_to_driver=False, runtime_env=ray_runtime_env())
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(
+            num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=ray_runtime_env()
+        )
 
 
 def example_user(settings: Settings) -> str:

@@ -35,6 +35,7 @@ from cluster.local_cluster import (
 )
 from core.settings import Settings
 from deployments.app import build_app
+from deployments.commands import SERVE_ENVIRONMENT
 from deployments.config import (
     DEPLOYMENTS,
     AutoscalingOptions,
@@ -306,8 +307,16 @@ def test_rayservice_cluster_gets_settings_from_env_and_secret() -> None:
             assert env["RAYREC_HOME"].startswith("s3://")
             assert "RAYREC_REDIS_URL" not in env, "the Redis URL holds a password: it comes from the Secret"
             assert {"secretRef": {"name": "rayrec-secrets"}} in container["envFrom"]
+            # Serve's proxy and controller read these at start: they must be on the node.
+            assert {name: env.get(name) for name in SERVE_ENVIRONMENT} == SERVE_ENVIRONMENT
             assert container["resources"]["requests"] == container["resources"]["limits"]
     assert len(images) == 1, "head and workers must run the same image"
+
+
+def test_aws_nodes_start_ray_with_the_serve_environment() -> None:
+    setup = "\n".join(_load(CONFIGS / "aws-cluster.yaml")["setup_commands"])
+    for name, value in SERVE_ENVIRONMENT.items():
+        assert f"'export {name}={value}'" in setup
 
 
 def test_rayjob_runs_rayrec_train_with_a_valid_runtime_env() -> None:
