@@ -30,6 +30,7 @@ from core.stages import (
     Policy,
     Scorer,
     StageContractError,
+    StageDeclined,
     check_same_items,
 )
 from core.types import Candidate, RequestContext
@@ -357,9 +358,12 @@ def _skip_reason(error: BaseException) -> SkipReason:
 
 
 def _log_failure(stage: str, reason: SkipReason, error: BaseException) -> None:
-    # Lateness is routine under load and already counted; errors need their traceback.
+    # Lateness and declining are routine under load and already counted; errors need their
+    # traceback.
     if reason is SkipReason.TIMEOUT:
         logger.debug("stage %s was late and was skipped", stage)
+    elif isinstance(error, StageDeclined):
+        logger.debug("stage %s declined (%s) and was skipped", stage, error)
     else:
         logger.warning("stage %s failed (%s) and was skipped", stage, reason, exc_info=error)
 

@@ -27,6 +27,15 @@ class StageContractError(RuntimeError):
         self.stage = stage
 
 
+class StageDeclined(RuntimeError):
+    """Raised by a stage that did not run by design (a circuit breaker open): skipped like a late stage.
+
+    The runner treats it as any failure (the stage's output is not used and the fallback is
+    counted) but logs it without a traceback: it is an expected state, and logging a traceback
+    for every request while a breaker is open would cost more than the request.
+    """
+
+
 @runtime_checkable
 class CandidateSource(Protocol):
     """Produces candidates for a request (ANN search, item-item table, popularity, follows, ...).

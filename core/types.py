@@ -462,15 +462,17 @@ class Candidate:
         Returns:
             The copy.
         """
-        return Candidate(
-            item_id=self.item_id,
-            sources=list(self.sources),
-            retrieval_score=self.retrieval_score,
-            score=self.score,
-            features=self.features,
-            reason=self.reason,
-            propensity=self.propensity,
-        )
+        # Slot by slot rather than through __init__: the runner copies every candidate before
+        # each scorer, hundreds per request, and this is a third of the cost.
+        out = object.__new__(Candidate)
+        out.item_id = self.item_id
+        out.sources = self.sources.copy()
+        out.retrieval_score = self.retrieval_score
+        out.score = self.score
+        out.features = self.features
+        out.reason = self.reason
+        out.propensity = self.propensity
+        return out
 
 
 @dataclass(frozen=True, slots=True)

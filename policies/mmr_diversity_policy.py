@@ -64,9 +64,27 @@ class _Similarity:
             cells = np.ix_(rows, rows)
             out[cells] = block @ block.T
             covered[cells] = True
-        for i, j in zip(*np.nonzero(np.triu(~covered, k=1)), strict=True):
-            out[i, j] = out[j, i] = self._jaccard(int(i), int(j))
+        if not covered.all():
+            jaccard = self._jaccard_matrix()
+            out[~covered] = jaccard[~covered]
         return out
+
+    def _jaccard_matrix(self) -> NDArray[np.float64]:
+        """Every pair's Jaccard similarity of category and tags (0 where either has none)."""
+        column: dict[str, int] = {}
+        rows: list[int] = []
+        cols: list[int] = []
+        for i, keys in enumerate(self._keys):
+            for key in keys:
+                rows.append(i)
+                cols.append(column.setdefault(key, len(column)))
+        member = np.zeros((len(self._keys), max(1, len(column))), dtype=np.float64)
+        member[rows, cols] = 1.0
+        shared = member @ member.T
+        sizes = member.sum(axis=1)
+        union = sizes[:, None] + sizes[None, :] - shared
+        jaccard: NDArray[np.float64] = np.divide(shared, union, out=np.zeros_like(shared), where=union > 0)
+        return jaccard
 
 
 def intra_list_similarity(cands: list[Candidate]) -> float:

@@ -13,13 +13,22 @@ from deployments.api.services import ApiServices
 _bearer = HTTPBearer(auto_error=False, description="The admin token (RAYREC_ADMIN_TOKEN).")
 
 
-def services(request: Request) -> ApiServices:
+def services_of(request: Request) -> ApiServices:
     """The process's services, attached to the app at creation."""
     svc: ApiServices = request.app.state.services
     return svc
 
 
-def require_admin(
+# The dependencies are coroutines although they never wait: FastAPI runs a plain function
+# dependency in its thread pool, a thread hop per dependency and request on the read path.
+
+
+async def services(request: Request) -> ApiServices:
+    """The process's services (a dependency)."""
+    return services_of(request)
+
+
+async def require_admin(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
@@ -29,7 +38,7 @@ def require_admin(
         HTTPException: 401 without a bearer token, 403 with a wrong one, 503 when no admin token
             is configured (the routes are then disabled rather than open).
     """
-    expected = services(request).settings.admin_token_value()
+    expected = services_of(request).settings.admin_token_value()
     if expected is None:
         raise HTTPException(503, "admin routes are disabled: RAYREC_ADMIN_TOKEN is not set")
     if credentials is None or credentials.scheme.lower() != "bearer":
@@ -40,9 +49,9 @@ def require_admin(
         raise HTTPException(403, "the bearer token is not the admin token")
 
 
-def require_client(request: Request) -> None:
+async def require_client(request: Request) -> None:
     """Refuse the call when client API keys are configured and ``X-API-Key`` is not one of them."""
-    keys = services(request).settings.client_api_keys
+    keys = services_of(request).settings.client_api_keys
     if not keys:
         return
     given = request.headers.get("x-api-key")

@@ -20,7 +20,7 @@ from pydantic import Field
 from core.schema import EventType, FeedbackRequest, Model, UserEvent
 from deployments.api.auth import Client, services
 from deployments.api.errors import ErrorBody
-from deployments.api.metrics import app_metrics
+from deployments.api.metrics import app_metrics, metrics_of
 from deployments.api.services import ApiServices
 from features.intake import IntakeResult, IntakeUnavailable
 from features.metrics import StreamMetrics
@@ -74,7 +74,7 @@ class CountedRoute(APIRoute):
             except RequestValidationError as exc:
                 malformed = any(e.get("type") == "json_invalid" for e in exc.errors())
                 reason = "malformed_json" if malformed else "invalid"
-                _count(app_metrics(request).events_rejected, refused_types(exc.body), reason)
+                _count(metrics_of(request).events_rejected, refused_types(exc.body), reason)
                 raise
 
         return counted

@@ -32,7 +32,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from redis.exceptions import RedisError
 
-from deployments.api.auth import services
+from deployments.api.auth import services_of
 from features.metrics import StreamMetrics, StreamStatus, read_stream_status, watched_streams
 
 logger = logging.getLogger(__name__)
@@ -46,10 +46,15 @@ _CONSUMERS: Final = {"stream_processor": "batches", "lake_writer": "files"}
 router = APIRouter(tags=["health"])
 
 
-def app_metrics(request: Request) -> StreamMetrics:
+def metrics_of(request: Request) -> StreamMetrics:
     """The metrics the app counts into, attached at creation."""
     metrics: StreamMetrics = request.app.state.metrics
     return metrics
+
+
+async def app_metrics(request: Request) -> StreamMetrics:
+    """The metrics the app counts into (a dependency; a coroutine so it runs without a thread hop)."""
+    return metrics_of(request)
 
 
 class _Scrape:
@@ -155,7 +160,7 @@ def consumer_families(report: Mapping[str, Any] | None) -> list[Metric]:
 
 
 async def _consumer_report(request: Request) -> Mapping[str, Any] | None:
-    stream_stats = services(request).stream_stats
+    stream_stats = services_of(request).stream_stats
     if stream_stats is None:
         return None
     try:
@@ -166,7 +171,7 @@ async def _consumer_report(request: Request) -> Mapping[str, Any] | None:
 
 
 async def _stream_statuses(request: Request) -> list[StreamStatus] | None:
-    store = services(request).store
+    store = services_of(request).store
     try:
         return await read_stream_status(store.aclient, watched_streams(store.keys))
     except (RedisError, OSError) as exc:
@@ -184,5 +189,5 @@ async def metrics(request: Request) -> Response:
     statuses, report = await asyncio.gather(_stream_statuses(request), _consumer_report(request))
     registry = CollectorRegistry(auto_describe=False)
     computed = [*stream_families(statuses), *consumer_families(report)]
-    registry.register(_Scrape(app_metrics(request).registry, computed))
+    registry.register(_Scrape(metrics_of(request).registry, computed))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -105,7 +105,7 @@ class RecommendationResponse(Model):
         )
 
 
-def recommender(svc: Annotated[ApiServices, Depends(services)]) -> RecommendationService:
+async def recommender(svc: Annotated[ApiServices, Depends(services)]) -> RecommendationService:
     """The process's recommendation service.
 
     Raises:

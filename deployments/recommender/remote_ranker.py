@@ -18,6 +18,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+from core.stages import StageDeclined
 from core.types import Candidate, RequestContext
 from deployments.recommender.scopes import RequestScopes
 from deployments.wire import NO_MODEL, RankReply, RankRequest
@@ -30,7 +31,7 @@ RankCall = Callable[[RankRequest], Awaitable[RankReply]]
 """Sends a request to the ranker deployment."""
 
 
-class CircuitOpenError(RuntimeError):
+class CircuitOpenError(StageDeclined):
     """The breaker in front of the ranker is open; the call was not made."""
 
 

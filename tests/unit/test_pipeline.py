@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,15 @@ from core.pipeline import (
     StageName,
     SurfacePipeline,
 )
-from core.stages import CandidateSource, FeatureHydrator, Filter, Policy, Scorer, StageContractError
+from core.stages import (
+    CandidateSource,
+    FeatureHydrator,
+    Filter,
+    Policy,
+    Scorer,
+    StageContractError,
+    StageDeclined,
+)
 from core.types import Candidate, FilterResult, RequestContext, monotonic_deadline
 
 # Generous budgets so only the stage under test can be late.
@@ -108,6 +117,8 @@ class TableScorer:
             await asyncio.sleep(self.delay_s)
         if self.mode == "raise":
             raise RuntimeError("model crashed")
+        if self.mode == "decline":
+            raise StageDeclined("breaker open")
         if self.mode == "reverse":
             return cands[::-1]
         if self.mode == "drop":
@@ -424,6 +435,18 @@ def test_raising_scorer_falls_back_to_pre_score_order() -> None:
     assert result.fallbacks == ["ranker_prescore"]
     assert result.failed_stages == {"model": "error"}
     assert ids(result.candidates) == PRE_ORDER
+
+
+def test_declining_scorer_falls_back_without_a_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="core.pipeline"):
+        result = run(ranking_pipeline(TableScorer(MODEL_SCORES, name="model", mode="decline")))
+        run(ranking_pipeline(TableScorer(MODEL_SCORES, name="model", mode="raise")))
+    assert result.fallbacks == ["ranker_prescore"]
+    assert result.failed_stages == {"model": "error"}
+    assert ids(result.candidates) == PRE_ORDER
+    declined, crashed = [r for r in caplog.records if "model" in r.getMessage()]
+    assert (declined.levelno, declined.exc_info) == (logging.DEBUG, None)
+    assert crashed.levelno == logging.WARNING and crashed.exc_info is not None
 
 
 @pytest.mark.parametrize("mode", ["reverse", "drop", "nan"])

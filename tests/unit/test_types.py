@@ -231,6 +231,25 @@ def test_candidate_defaults_and_copy_independence() -> None:
     assert clone == Candidate(item_id="i1", sources=["ann", "popular"], score=3.0)
 
 
+def test_candidate_copy_carries_every_field() -> None:
+    cand = Candidate(
+        item_id="i1",
+        sources=["ann"],
+        retrieval_score=0.3,
+        score=0.4,
+        features=FeatureMap({"item:category": "c"}),
+        reason="r",
+        propensity=0.5,
+    )
+    clone = cand.copy()
+    # A field added to Candidate must be added to copy() too.
+    assert {f.name: getattr(clone, f.name) for f in dataclasses.fields(Candidate)} == {
+        f.name: getattr(cand, f.name) for f in dataclasses.fields(Candidate)
+    }
+    settable = [f for f in dataclasses.fields(Candidate) if f.name != "item_id"]
+    assert all(getattr(cand, f.name) != f.default for f in settable)
+
+
 def test_filter_result_partition_keeps_order() -> None:
     cands = [Candidate(item_id=f"i{n}") for n in range(5)]
     result = FilterResult.partition(cands, lambda c: c.item_id not in {"i1", "i3"})
