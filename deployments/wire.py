@@ -98,9 +98,64 @@ class RetrievalRequest:
         )
 
 
+_Columns = tuple[
+    list[str], list[list[str]], list[float], list[float], list[int], list[str | None], list[float]
+]
+
+
+def _to_columns(
+    candidates: dict[str, list[Candidate]],
+) -> tuple[dict[str, _Columns], list[dict[str, FeatureValue]]]:
+    """Candidates per source as lists of plain values, feature maps shared by index."""
+    maps: list[dict[str, FeatureValue]] = []
+    # Keyed by identity: sources share one map among many candidates (a seed item's features).
+    index_of: dict[int, int] = {}
+    out: dict[str, _Columns] = {}
+    for name, cands in candidates.items():
+        ids: list[str] = []
+        sources: list[list[str]] = []
+        retrieval: list[float] = []
+        scores: list[float] = []
+        features: list[int] = []
+        reasons: list[str | None] = []
+        propensities: list[float] = []
+        for cand in cands:
+            ids.append(cand.item_id)
+            sources.append(cand.sources)
+            retrieval.append(cand.retrieval_score)
+            scores.append(cand.score)
+            key = id(cand.features)
+            index = index_of.get(key)
+            if index is None:
+                index = index_of[key] = len(maps)
+                maps.append(dict(cand.features))
+            features.append(index)
+            reasons.append(cand.reason)
+            propensities.append(cand.propensity)
+        out[name] = (ids, sources, retrieval, scores, features, reasons, propensities)
+    return out, maps
+
+
+def _from_columns(
+    columns: dict[str, _Columns], maps: list[dict[str, FeatureValue]]
+) -> dict[str, list[Candidate]]:
+    feature_maps = [FeatureMap(m) for m in maps]
+    return {
+        name: [
+            Candidate(item_id, list(sources), retrieval, score, feature_maps[f], reason, propensity)
+            for item_id, sources, retrieval, score, f, reason, propensity in zip(*cols, strict=True)
+        ]
+        for name, cols in columns.items()
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class RetrievalReply:
     """What the retrieval deployment found.
+
+    Pickled as columns of plain values: Ray's pickler calls back into Python for every object that
+    is not a plain value, and hundreds of candidates per reply made that most of the hop's CPU on
+    both sides.
 
     Attributes:
         model_version: Bundle version that answered (:data:`NO_MODEL` without one).
@@ -113,6 +168,20 @@ class RetrievalReply:
     candidates: dict[str, list[Candidate]]
     errors: dict[str, str] = field(default_factory=dict)
     elapsed_ms: float = 0.0
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        columns, maps = _to_columns(self.candidates)
+        return _reply_from_wire, (self.model_version, columns, maps, self.errors, self.elapsed_ms)
+
+
+def _reply_from_wire(
+    model_version: str,
+    columns: dict[str, _Columns],
+    maps: list[dict[str, FeatureValue]],
+    errors: dict[str, str],
+    elapsed_ms: float,
+) -> RetrievalReply:
+    return RetrievalReply(model_version, _from_columns(columns, maps), errors, elapsed_ms)
 
 
 @dataclass(frozen=True, slots=True)

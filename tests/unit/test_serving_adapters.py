@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from core.pipeline import FallbackKind, PipelineRunner, StageBudgets, SurfacePipeline
-from core.types import Candidate, FeatureMap, RequestContext, monotonic_deadline
+from core.types import EMPTY_FEATURES, Candidate, FeatureMap, RequestContext, monotonic_deadline
 from deployments.recommender.remote_ranker import CircuitOpenError, RankerClient, RemoteRankerScorer
 from deployments.recommender.remote_sources import RemoteRetrievalGroup, RemoteSourceError
 from deployments.recommender.scopes import RequestScopes
@@ -194,3 +194,32 @@ def test_the_seed_item_is_filtered_out_of_its_own_similar_list() -> None:
     result = SeedItemFilter().apply(ctx(item_id="seed"), cands)
     assert [c.item_id for c in result.kept] == ["a", "b"] and [c.item_id for c in result.removed] == ["seed"]
     assert len(SeedItemFilter().apply(ctx(), cands).kept) == 3
+
+
+def test_retrieval_reply_pickles_as_columns_and_comes_back_equal() -> None:
+    import pickle
+
+    import ray.cloudpickle as cloudpickle
+
+    seed = FeatureMap({"retrieval:seed_similarity": 0.5})
+    reply = RetrievalReply(
+        "v1",
+        {
+            "item_to_item": [
+                Candidate(
+                    f"i{k}", ["item_to_item"], 0.1 * k, 0.2, seed if k % 2 else EMPTY_FEATURES, "r", 0.9
+                )
+                for k in range(50)
+            ],
+            "two_tower_ann": [],
+        },
+        {"collaborative": "timeout"},
+        4.5,
+    )
+    for dumps, loads in ((pickle.dumps, pickle.loads), (cloudpickle.dumps, cloudpickle.loads)):
+        back = loads(dumps(reply))
+        assert back == reply
+        shared = back.candidates["item_to_item"]
+        # A map shared on this side is shared on the far side too (sent once).
+        assert shared[1].features is shared[3].features
+        assert shared[1].sources is not reply.candidates["item_to_item"][1].sources
