@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
+from datetime import datetime
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -36,6 +38,10 @@ class TrendingMix(BaseModel):
     """How many of the user's categories get a list; the share is split by category affinity."""
 
 
+_MAX_CACHED_LISTS = 4096
+"""Lists kept at most (scopes are regions and categories, a few hundred in practice)."""
+
+
 class TrendingSource:
     """Trending items from the forward-decayed trending sets of the online store.
 
@@ -43,12 +49,17 @@ class TrendingSource:
     global list, then weighted by the scope's share (and, for categories, by the user's affinity).
     An item in several lists keeps its best score and the reason of the narrowest list.
 
+    Lists are shared by every user of a scope, so each is kept for ``cache_s`` and read again
+    after: at tens of requests a second most requests then need no round trip, and a list a
+    second old is as trending as a fresh one (the sets decay over hours).
+
     Args:
         online: The online feature store.
         mix: The split between global, regional and category lists.
         name: Stage id.
         budget_ms: Time the source may take.
         max_candidates: How many candidates at most.
+        cache_s: How long a list read from Redis is reused; 0 reads every time.
     """
 
     def __init__(
@@ -59,12 +70,28 @@ class TrendingSource:
         name: str = "trending",
         budget_ms: float = 15.0,
         max_candidates: int = 100,
+        cache_s: float = 1.0,
     ) -> None:
         self.name = name
         self.budget_ms = budget_ms
         self.max_candidates = max_candidates
         self.mix = mix or TrendingMix()
+        self.cache_s = cache_s
         self._online = online
+        self._cache: dict[tuple[TrendingScope, int], tuple[float, list[tuple[str, float]]]] = {}
+
+    async def _rows(self, scope: TrendingScope, n: int, now: datetime) -> list[tuple[str, float]]:
+        key = (scope, n)
+        cached = self._cache.get(key)
+        clock = time.monotonic()
+        if cached is not None and cached[0] > clock:
+            return cached[1]
+        rows = await self._online.atop_trending(scope, n, now)
+        if self.cache_s > 0:
+            if len(self._cache) >= _MAX_CACHED_LISTS:
+                self._cache.clear()
+            self._cache[key] = (clock + self.cache_s, rows)
+        return rows
 
     def plan(self, ctx: RequestContext) -> list[tuple[TrendingScope, int, float, str]]:
         """The lists to read for ``ctx``: ``(scope, how many, weight, reason)`` each."""
@@ -102,7 +129,7 @@ class TrendingSource:
             Up to ``max_candidates`` candidates, best first; empty when nothing is trending.
         """
         plan = self.plan(ctx)
-        lists = await asyncio.gather(*(self._online.atop_trending(s, n, ctx.now) for s, n, _, _ in plan))
+        lists = await asyncio.gather(*(self._rows(s, n, ctx.now) for s, n, _, _ in plan))
         best: dict[str, Candidate] = {}
         # The plan runs from the broadest scope to the narrowest, so a later list's reason is the
         # more specific one ("Trending in your region" says more than "Trending now").

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -12,11 +13,13 @@ from numpy.typing import NDArray
 from core.stages import CandidateSource
 from core.types import Candidate, FeatureInput, RequestContext
 from features.candidate_refs import RETRIEVAL_SEED_ITEM_ID, SPONSORED_BID, SPONSORED_CAMPAIGN_ID
+from features.trending import TrendingScope
 from retrieval.sources.item_neighbors import InMemoryItemNeighbors, ItemNeighbors
 from retrieval.sources.item_to_item_source import ItemToItemSource
 from retrieval.sources.popular_fallback_source import PopularFallbackSource
 from retrieval.sources.similar_items_source import SimilarItemsSource
 from retrieval.sources.sponsored_source import SponsoredCampaign, SponsoredConfig, SponsoredSource
+from retrieval.sources.trending_source import TrendingSource
 from retrieval.sources.two_tower_ann_source import IndexEmbeddingRetriever, TwoTowerAnnSource
 from tests.unit.serving_fixtures import NOW_S, ids, make_ctx
 
@@ -168,3 +171,31 @@ def test_two_tower_source_searches_the_user_embedding() -> None:
 def test_index_retriever_drops_unfilled_slots() -> None:
     index = TinyIndex(["a"], np.array([[1.0, 0.0]], dtype=np.float32))
     assert IndexEmbeddingRetriever(index).retrieve(np.array([1.0, 0.0], dtype=np.float32), 3) == [("a", 1.0)]
+
+
+class CountingTrending:
+    """Answers every trending read with the same list and counts the reads."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    async def atop_trending(self, scope: TrendingScope, limit: int, now: object) -> list[tuple[str, float]]:
+        self.reads += 1
+        return [(f"{scope.kind}-{k}", float(limit - k)) for k in range(limit)]
+
+
+def test_trending_lists_are_reused_for_cache_s_then_read_again() -> None:
+    online = CountingTrending()
+    source = TrendingSource(online, cache_s=0.2)  # type: ignore[arg-type]
+    first = fetch(source, make_ctx())
+    reads = online.reads
+    assert reads >= 1 and first
+    assert ids(fetch(source, make_ctx())) == ids(first)
+    assert online.reads == reads
+    time.sleep(0.25)
+    fetch(source, make_ctx())
+    assert online.reads == 2 * reads
+    uncached = TrendingSource(online, cache_s=0)  # type: ignore[arg-type]
+    fetch(uncached, make_ctx())
+    fetch(uncached, make_ctx())
+    assert online.reads == 4 * reads
