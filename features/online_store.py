@@ -382,6 +382,15 @@ class OnlineFeatureStore:
         self._entity_ttl_s = {
             e: max((v.state_ttl_s for v in vs), default=0) for e, vs in self._entity_views.items()
         }
+        # Key prefixes by entity type (see RedisKeys.feature_state_prefix): two keys per entity
+        # of every batch.
+        self._state_prefix = {e: self.keys.feature_state_prefix(e) for e in EntityType}
+        self._record_prefix = {e: self.keys.features_prefix(e) for e in EntityType}
+        # How each event is routed, per view: (view name, entity type, entity_key, behaviour
+        # view?), unpacked once rather than read off every view for every event.
+        self._routes = tuple(
+            (v.name, v.entity, v.entity_key, v.entity is EntityType.USER) for v in self.views
+        )
         # Served names and their ``view:feature`` references, in spec order, built once.
         self._ref_order = {
             v.name: (tuple(spec.name for spec in v.specs), tuple(spec.ref for spec in v.specs))
@@ -403,6 +412,21 @@ class OnlineFeatureStore:
 
     def _record_ttl_s(self, entity_type: EntityType) -> int:
         return self._entity_ttl_s[entity_type]
+
+    def _state_key(self, entity_type: EntityType, entity_id: str) -> str:
+        # An empty id goes through RedisKeys, which refuses it.
+        return (
+            self._state_prefix[entity_type] + entity_id
+            if entity_id
+            else self.keys.feature_state(entity_type, entity_id)
+        )
+
+    def _record_key(self, entity_type: EntityType, entity_id: str) -> str:
+        return (
+            self._record_prefix[entity_type] + entity_id
+            if entity_id
+            else self.keys.features(entity_type, entity_id)
+        )
 
     # -- the request path ----------------------------------------------------------------------
 
@@ -631,18 +655,20 @@ class OnlineFeatureStore:
         opted_out: set[str],
     ) -> _Plan:
         plan = _Plan(events=[], erased=[], groups={})
+        groups, routes = plan.groups, self._routes
         for event in events:
             if event.user_id in erased:
                 plan.erased.append(event)
                 continue
             plan.events.append(event)
             item = items.get(event.item_id)
-            for v in self.views:
-                if v.entity is EntityType.USER and event.user_id in opted_out:
+            opted = event.user_id in opted_out
+            for name, entity_type, entity_key, behaviour in routes:
+                if behaviour and opted:
                     continue  # the user asked for no behaviour features
-                entity_id = v.entity_key(event, item)
+                entity_id = entity_key(event, item)
                 if entity_id is not None:
-                    plan.groups.setdefault((v.entity, entity_id), {}).setdefault(v.name, []).append(event)
+                    groups.setdefault((entity_type, entity_id), {}).setdefault(name, []).append(event)
         return plan
 
     def apply_events(self, events: Sequence[EventRecord]) -> ApplyResult:
@@ -757,7 +783,7 @@ class OnlineFeatureStore:
         user_ids = sorted({e.user_id for e in pending})
         # Routing needs no erased flags: erased users' events are routed, then dropped below.
         routed = self._plan(pending, items, set(), opted_out)
-        state_keys = {entity: keys.feature_state(entity[0], entity[1]) for entity in routed.groups}
+        state_keys = {entity: self._state_key(*entity) for entity in routed.groups}
         # Cached states are taken out of the cache: the folds update them in place, so they go
         # back only once the write succeeds. Any other outcome leaves them out, to be read again.
         held: dict[tuple[EntityType, str], tuple[str, dict[str, State]]] = {}
@@ -806,7 +832,7 @@ class OnlineFeatureStore:
                 token,
                 self._record_ttl_s(entity_type),
                 fields,
-                keys.features(entity_type, entity_id),
+                self._record_key(entity_type, entity_id),
                 self._record(entity_type, states, now, stamp),
             )
             written.append((key, states))
