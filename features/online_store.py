@@ -92,26 +92,35 @@ APPLY_SCRIPT: Final = """
 -- expected erased flags ('0' or '1'); per state its TTL, field count f, f field/value pairs and
 -- the serving record; per trending set its EXPIREAT instant, member count n and n
 -- increment/member pairs; per exclusion set its member count n and n members.
--- Each key is sent once and each state written with one HSET: the script's cost is mostly
--- per argument and per command.
+-- Each key is sent once, each state written with one HSET, and the markers and erased flags
+-- are checked with one multi-key command per chunk: the script's cost is mostly per argument
+-- and per command. Chunks keep each unpack within Lua's limit on values.
 local m, s, u = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local z, x = tonumber(ARGV[4]), tonumber(ARGV[5])
 local token, marker_ttl = ARGV[6], ARGV[7]
 local a = 8
-local done = {}
-for i = 1, m do
-  if redis.call('EXISTS', KEYS[i]) == 1 then done[#done + 1] = i end
+local chunk = 1000
+for first = 1, m, chunk do
+  local last = math.min(first + chunk - 1, m)
+  if redis.call('EXISTS', unpack(KEYS, first, last)) > 0 then
+    local done = {}
+    for i = 1, m do
+      if redis.call('EXISTS', KEYS[i]) == 1 then done[#done + 1] = i end
+    end
+    return {0, done}
+  end
 end
-if #done > 0 then return {0, done} end
 for i = 1, s do
   if (redis.call('HGET', KEYS[m + i], '_v') or '') ~= ARGV[a] then return {2, i} end
   a = a + 1
 end
 local k = m + s + 1
 if u > 0 then
-  for i = 1, u do
-    if tostring(redis.call('SISMEMBER', KEYS[k], ARGV[a + i - 1])) ~= ARGV[a + u + i - 1] then
-      return {2, 0}
+  for first = 1, u, chunk do
+    local last = math.min(first + chunk - 1, u)
+    local flags = redis.call('SMISMEMBER', KEYS[k], unpack(ARGV, a + first - 1, a + last - 1))
+    for i = first, last do
+      if tostring(flags[i - first + 1]) ~= ARGV[a + u + i - 1] then return {2, 0} end
     end
   end
   a = a + 2 * u
@@ -120,10 +129,8 @@ end
 for i = 1, s do
   local key, ttl, f = KEYS[m + i], ARGV[a], tonumber(ARGV[a + 1])
   a = a + 2
-  local fields = {'_v', token}
-  for j = 1, 2 * f do fields[2 + j] = ARGV[a + j - 1] end
+  redis.call('HSET', key, '_v', token, unpack(ARGV, a, a + 2 * f - 1))
   a = a + 2 * f
-  redis.call('HSET', key, unpack(fields))
   redis.call('EXPIRE', key, ttl)
   redis.call('SET', KEYS[k], ARGV[a], 'EX', ttl)
   a = a + 1
