@@ -62,7 +62,7 @@ from features.definitions import UPDATED_AT, VIEWS, serving_features
 from features.keys import RedisKeys
 from features.params import DAY_S, DEFAULT_PARAMS, FeatureParams
 from features.records import EventRecord, ItemInfo
-from features.redis_store import RedisStore
+from features.redis_store import PendingReply, RedisStore
 from features.spec import FeatureView, State
 from features.trending import TrendingScope
 
@@ -341,6 +341,50 @@ def _hashes(replies: Sequence[Sequence[str]]) -> list[dict[str, str]]:
 
 
 @dataclass(slots=True)
+class _Staged:
+    """One attempt's writes, ready for :data:`APPLY_SCRIPT`, and what they amount to."""
+
+    markers: list[str]
+    erased_by_user: dict[str, bool]
+    writes: _Writes
+    written: list[tuple[str, dict[str, State]]]
+    result: ApplyResult
+
+
+@dataclass(frozen=True, slots=True)
+class StagedApply:
+    """A batch read and folded by :meth:`OnlineFeatureStore.stage_events`, not written yet.
+
+    Attributes:
+        events: The batch as given.
+        generation: The store's :attr:`OnlineFeatureStore.generation` when it was staged.
+        result: The outcome when there is nothing to write (every event a repeat).
+        staged: The writes; ``None`` when there are none, or when the batch must be applied
+            synchronously (some events turned out applied by another consumer).
+    """
+
+    events: Sequence[EventRecord]
+    generation: int
+    result: ApplyResult | None
+    staged: _Staged | None
+
+
+@dataclass(frozen=True, slots=True)
+class InFlightApply:
+    """A batch whose write :meth:`OnlineFeatureStore.send` started.
+
+    Attributes:
+        batch: The staged batch.
+        reply: The commit script's reply to come; ``None`` when the batch was applied at once.
+        result: The outcome of a batch applied at once.
+    """
+
+    batch: StagedApply
+    reply: PendingReply | None
+    result: ApplyResult | None
+
+
+@dataclass(slots=True)
 class _Plan:
     """The routing of a batch: which entity states each event folds into."""
 
@@ -409,6 +453,7 @@ class OnlineFeatureStore:
         self.state_cache_size = state_cache_size
         # State key to (version token written, view name to state), oldest write first.
         self._state_cache: dict[str, tuple[str, dict[str, State]]] = {}
+        self._generation = 0
         # Catalog record JSON to its info (None: unreadable). Every batch reads the records of
         # its items and hot items recur in each; decoding them again was 4% of the processor's
         # CPU. Keyed by the JSON itself, a changed record is a miss, never a stale hit.
@@ -702,22 +747,9 @@ class OnlineFeatureStore:
         duplicates = len(events) - len(unique)
         if not unique:
             return ApplyResult(duplicates=duplicates)
-        keys = self.keys
-        item_ids = sorted({e.item_id for e in unique})
-        user_ids = sorted({e.user_id for e in unique})
-        with self.store.guard():
-            pipe = self.store.client.pipeline(transaction=False)
-            pipe.mget([keys.item(i) for i in item_ids])
-            pipe.mget([keys.user(u) for u in user_ids])
-            item_raw, user_raw = pipe.execute()
         # Events applied before are found by each attempt's own read of the processed markers.
         pending = unique
-        items = self._cached_infos(item_ids, item_raw)
-        opted_out = {
-            u
-            for u, r in zip(user_ids, user_raw, strict=True)
-            if r is not None and not _personalized(_loads_record(r))
-        }
+        items, opted_out = self._catalog(unique)
         retries = 0
         while pending:
             try:
@@ -740,6 +772,23 @@ class OnlineFeatureStore:
             duplicates += len(pending) - len(result)
             pending = result
         return ApplyResult(duplicates=duplicates, retries=retries)
+
+    def _catalog(self, events: Sequence[EventRecord]) -> tuple[dict[str, ItemInfo], set[str]]:
+        """Catalog info of the events' items, and which of their users opted out of personalisation."""
+        keys = self.keys
+        item_ids = sorted({e.item_id for e in events})
+        user_ids = sorted({e.user_id for e in events})
+        with self.store.guard():
+            pipe = self.store.client.pipeline(transaction=False)
+            pipe.mget([keys.item(i) for i in item_ids])
+            pipe.mget([keys.user(u) for u in user_ids])
+            item_raw, user_raw = pipe.execute()
+        opted_out = {
+            u
+            for u, r in zip(user_ids, user_raw, strict=True)
+            if r is not None and not _personalized(_loads_record(r))
+        }
+        return self._cached_infos(item_ids, item_raw), opted_out
 
     def _remember(self, token: str, written: Sequence[tuple[str, dict[str, State]]]) -> None:
         """Cache states just written with ``token``, dropping the least recently written beyond the size."""
@@ -785,6 +834,19 @@ class OnlineFeatureStore:
         self, pending: list[EventRecord], items: Mapping[str, ItemInfo], opted_out: set[str]
     ) -> ApplyResult | list[EventRecord]:
         """One optimistic attempt; returns the still-pending events when some turned out done."""
+        staged = self._stage(pending, items, opted_out)
+        if not isinstance(staged, _Staged):
+            return staged
+        done_now = self._apply(staged.markers, staged.erased_by_user, staged.writes)
+        if done_now:
+            return [e for i, e in enumerate(pending, start=1) if i not in done_now]
+        self._remember(staged.writes.token, staged.written)
+        return staged.result
+
+    def _stage(
+        self, pending: list[EventRecord], items: Mapping[str, ItemInfo], opted_out: set[str]
+    ) -> _Staged | list[EventRecord]:
+        """The reads and folds of one attempt: its writes, or the events still pending if some were done."""
         keys = self.keys
         markers = [keys.processed_event(e.event_id) for e in pending]
         user_ids = sorted({e.user_id for e in pending})
@@ -848,15 +910,127 @@ class OnlineFeatureStore:
         for event in plan.events:
             if event.kind in _NEGATIVE_KINDS:
                 writes.sadd(keys.exclusions(event.user_id), event.item_id)
-        done_now = self._apply(markers, erased_by_user, writes)
-        if done_now:
-            return [e for i, e in enumerate(pending, start=1) if i not in done_now]
-        self._remember(writes.token, written)
-        return ApplyResult(
+        result = ApplyResult(
             applied=len(plan.events),
             skipped=len(plan.erased),
             entities=len(plan.groups),
             applied_by_type=dict(Counter(e.kind for e in plan.events)),
+        )
+        return _Staged(markers, erased_by_user, writes, written, result)
+
+    # -- the overlapped write path (see StagedApply) ---------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        """How many times :meth:`forget` ran: a batch staged under an older one must be staged again."""
+        return self._generation
+
+    def forget(self) -> None:
+        """Drop every cached state, so the next batch reads what Redis holds."""
+        self._state_cache.clear()
+        self._generation += 1
+
+    def stage_events(self, events: Sequence[EventRecord]) -> StagedApply:
+        """Read and fold a batch without writing it; :meth:`send` then writes it.
+
+        The states it folds are cached at once with the token they will be written with, so the
+        next batch can be staged on top of them while this one's write runs in Redis. Nothing
+        about that is trusted: the commit script checks those tokens as it checks any, so if this
+        write fails, the next one fails its check too and is read and folded again; the failure
+        also empties the cache (:meth:`forget`), and a batch staged before that must be staged again
+        (see :attr:`generation`).
+
+        Args:
+            events: The batch, in any order.
+
+        Returns:
+            The staged batch.
+
+        Raises:
+            StoreUnavailable: Redis could not be reached.
+        """
+        generation = self._generation
+        first_seen: dict[str, EventRecord] = {}
+        for event in events:
+            first_seen.setdefault(event.event_id, event)
+        unique = list(first_seen.values())
+        duplicates = len(events) - len(unique)
+        if not unique:
+            return StagedApply(events, generation, ApplyResult(duplicates=duplicates), None)
+        items, opted_out = self._catalog(unique)
+        staged = self._stage(unique, items, opted_out)
+        if not isinstance(staged, _Staged):
+            # Some were applied meanwhile by another consumer: the synchronous path sorts it out.
+            return StagedApply(events, generation, None, None)
+        self._remember(staged.writes.token, staged.written)
+        staged.result = ApplyResult(
+            applied=staged.result.applied,
+            duplicates=duplicates,
+            skipped=staged.result.skipped,
+            entities=staged.result.entities,
+            applied_by_type=staged.result.applied_by_type,
+        )
+        return StagedApply(events, generation, None, staged)
+
+    def send(self, batch: StagedApply) -> InFlightApply:
+        """Start writing a staged batch; :meth:`finish` collects the outcome.
+
+        A batch staged before a :meth:`forget` is staged again first. A batch that needs no
+        write, or must take the synchronous path, is applied here and now.
+
+        Raises:
+            StoreUnavailable: Redis could not be reached; the cache is forgotten.
+            ApplyConflict: As :meth:`apply_events` raises.
+        """
+        if batch.generation != self._generation:
+            batch = self.stage_events(batch.events)
+        if batch.staged is None:
+            result = batch.result if batch.result is not None else self.apply_events(batch.events)
+            return InFlightApply(batch, None, result)
+        staged = batch.staged
+        n_keys, keys_and_args = staged.writes.command(
+            staged.markers, self.processed_ttl_s, staged.erased_by_user, self.keys
+        )
+        try:
+            with self.store.guard():
+                reply = self.store.send_eval(APPLY_SCRIPT, n_keys, *keys_and_args)
+        except BaseException:
+            self.forget()
+            raise
+        return InFlightApply(batch, reply, None)
+
+    def finish(self, flight: InFlightApply) -> ApplyResult:
+        """Wait for a batch's write; when a check failed, apply it again synchronously.
+
+        Raises:
+            StoreUnavailable: Redis could not be reached; whether the batch was written is
+                unknown (a redelivery is a no-op if it was), and the cache is forgotten.
+            ApplyConflict: As :meth:`apply_events` raises.
+        """
+        if flight.reply is None:
+            assert flight.result is not None
+            return flight.result
+        staged = flight.batch.staged
+        assert staged is not None
+        try:
+            with self.store.guard():
+                reply = flight.reply.result()
+        except BaseException:
+            self.forget()
+            raise
+        if int(reply[0]) == 1:
+            return staged.result
+        # Another writer got in first: the speculative states are wrong, and so is anything staged
+        # on them. The synchronous path reads again and skips what turned out to be applied.
+        self.forget()
+        again = self.apply_events(flight.batch.events)
+        return ApplyResult(
+            applied=again.applied,
+            duplicates=again.duplicates,
+            skipped=again.skipped,
+            entities=again.entities,
+            retries=again.retries + 1,
+            applied_by_type=again.applied_by_type,
         )
 
 
