@@ -491,6 +491,7 @@ async def consumer_stats(base: str) -> dict[str, Any]:
         "rayrec_consumer_batches_total",
         "rayrec_consumer_batch_seconds_total",
         "rayrec_consumer_entries_total",
+        "rayrec_consumer_cpu_seconds_total",
     )
     out: dict[str, float] = {}
     for line in text.splitlines():
@@ -501,6 +502,30 @@ async def consumer_stats(base: str) -> dict[str, Any]:
 
 
 # -- driver ------------------------------------------------------------------------------------------
+
+
+def _consumers_cpu(before: dict[str, float], after: dict[str, float], started: float) -> dict[str, Any]:
+    """Each consumer's CPU over a phase: microseconds per entry, and the share of one core it got.
+
+    A consumer that falls behind either costs too much per entry or gets too small a share of
+    the machine; the two tell which.
+    """
+    elapsed = time.monotonic() - started
+    out: dict[str, Any] = {}
+    for consumer in ("stream_processor", "lake_writer"):
+        cpu_key = f'rayrec_consumer_cpu_seconds_total{{consumer="{consumer}"}}'
+        entries_key = f'rayrec_consumer_entries_total{{consumer="{consumer}"}}'
+        if cpu_key not in after or entries_key not in after:
+            continue
+        cpu_s = after[cpu_key] - before.get(cpu_key, 0.0)
+        entries = after[entries_key] - before.get(entries_key, 0.0)
+        out[consumer] = {
+            "cpu_s": round(cpu_s, 2),
+            "entries": int(entries),
+            "cpu_us_per_entry": round(cpu_s / entries * 1e6, 1) if entries else None,
+            "core_share": round(cpu_s / elapsed, 3) if elapsed > 0 else None,
+        }
+    return out
 
 
 def loadavg() -> list[float]:
@@ -539,6 +564,13 @@ def print_table(result: dict[str, Any]) -> None:
                 f"{f['processor_events_per_s_after_warmup']} / {f['lake_writer_events_per_s_after_warmup']}",
             ),
         ]
+        for consumer, c in f.get("consumers_cpu", {}).items():
+            rows.append(
+                (
+                    f"  {consumer.replace('_', ' ')} CPU us/event / core share",
+                    f"{c['cpu_us_per_entry']} / {c['core_share']}",
+                )
+            )
     rows.append(("load average before / after", f"{result['load_before']} / {result['load_after']}"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -558,6 +590,7 @@ async def run_phases(
         print(
             f"freshness: {args.rate:,.0f} events/s for {args.warmup_s + args.freshness_s:.0f} s", flush=True
         )
+        before, started = await consumer_stats(base), time.monotonic()
         out["freshness"] = await freshness_phase(
             base,
             store,
@@ -570,6 +603,7 @@ async def run_phases(
             0.005,
             args.settle_s,
         )
+        out["freshness"]["consumers_cpu"] = _consumers_cpu(before, await consumer_stats(base), started)
         del bodies
     if args.throughput_s > 0:
         n = math.ceil(args.throughput_s * args.max_rate / 1000)

@@ -124,8 +124,8 @@ def fresh(store: RedisStore, workload: Workload, n_events: int) -> None:
     prepare_stream(store, workload, n_events, f"p{uuid.uuid4().hex[:6]}")
 
 
-def timed_drain(store: RedisStore, batch: int) -> dict[str, Any]:
-    processor = StreamProcessor(store, "probe-0", metrics=StreamMetrics())
+def timed_drain(store: RedisStore, batch: int, overlap: bool = False) -> dict[str, Any]:
+    processor = StreamProcessor(store, "probe-0", metrics=StreamMetrics(), overlap=overlap)
     redis_before, commands_before = redis_cpu_s(store.client), command_usec(store.client)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     handled = processor.drain(count=batch)
@@ -153,8 +153,8 @@ def timed_drain(store: RedisStore, batch: int) -> dict[str, Any]:
     }
 
 
-def profiled_drain(store: RedisStore, batch: int) -> tuple[int, pstats.Stats]:
-    processor = StreamProcessor(store, "probe-0", metrics=StreamMetrics())
+def profiled_drain(store: RedisStore, batch: int, overlap: bool = False) -> tuple[int, pstats.Stats]:
+    processor = StreamProcessor(store, "probe-0", metrics=StreamMetrics(), overlap=overlap)
     profiler = cProfile.Profile(time.process_time)
     profiler.enable()
     handled = processor.drain(count=batch)
@@ -202,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2_000, help="most entries per batch (XREADGROUP COUNT)")
     parser.add_argument("--no-profile", action="store_true", help="skip the profiled pass")
     parser.add_argument(
+        "--overlap",
+        action="store_true",
+        help="fold each batch while the previous one's write runs, as the processor actor does",
+    )
+    parser.add_argument(
         "--default-gc",
         action="store_true",
         help="keep Python's default collector thresholds rather than the processor actor's",
@@ -228,10 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         fresh(store, workload, args.events)
-        result["timed"] = timed = timed_drain(store, args.batch)
+        result["timed"] = timed = timed_drain(store, args.batch, args.overlap)
         if not args.no_profile:
             fresh(store, workload, args.events)
-            handled, stats = profiled_drain(store, args.batch)
+            handled, stats = profiled_drain(store, args.batch, args.overlap)
             result["cpu_us_per_event_by_component"] = split(stats, timed["cpu_s"], handled)
             result["top_functions_own_time"] = top_functions(stats)
     finally:

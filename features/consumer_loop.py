@@ -116,8 +116,13 @@ class ConsumerLoop:
                 logger.exception("%s: on_stop failed", self.name)
 
     def stats(self) -> dict[str, Any]:
-        """Counters of the loop."""
+        """Counters of the loop, and the CPU seconds of its whole process (``cpu_s``).
+
+        Each consumer actor has a process of its own, so ``cpu_s`` is what its consumer costs,
+        whatever the share of a core the machine gives it.
+        """
         return {
+            "cpu_s": time.process_time(),
             "running": self.running,
             "steps": self.steps,
             "entries": self.entries,

@@ -164,6 +164,18 @@ class RedisKeys:
         kind = EntityType(entity_type).value
         return f"{self._p}feature-state:{kind}:{_entity(kind, entity_id)}"
 
+    def features_prefix(self, entity_type: EntityType | str) -> str:
+        """What :meth:`features` puts before the (non-empty) entity id.
+
+        For the stream processor, which names two keys per entity of every batch: concatenating
+        onto a prefix costs a fraction of a call that converts the entity type each time.
+        """
+        return f"{self._p}features:{EntityType(entity_type).value}:"
+
+    def feature_state_prefix(self, entity_type: EntityType | str) -> str:
+        """What :meth:`feature_state` puts before the (non-empty) entity id (see :meth:`features_prefix`)."""
+        return f"{self._p}feature-state:{EntityType(entity_type).value}:"
+
     # Trending (see features.trending for the landmark epochs).
 
     def trending_global(self, epoch: int) -> str:

@@ -62,7 +62,7 @@ from features.definitions import UPDATED_AT, VIEWS, serving_features
 from features.keys import RedisKeys
 from features.params import DAY_S, DEFAULT_PARAMS, FeatureParams
 from features.records import EventRecord, ItemInfo
-from features.redis_store import RedisStore
+from features.redis_store import PendingReply, RedisStore
 from features.spec import FeatureView, State
 from features.trending import TrendingScope
 
@@ -92,26 +92,35 @@ APPLY_SCRIPT: Final = """
 -- expected erased flags ('0' or '1'); per state its TTL, field count f, f field/value pairs and
 -- the serving record; per trending set its EXPIREAT instant, member count n and n
 -- increment/member pairs; per exclusion set its member count n and n members.
--- Each key is sent once and each state written with one HSET: the script's cost is mostly
--- per argument and per command.
+-- Each key is sent once, each state written with one HSET, and the markers and erased flags
+-- are checked with one multi-key command per chunk: the script's cost is mostly per argument
+-- and per command. Chunks keep each unpack within Lua's limit on values.
 local m, s, u = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local z, x = tonumber(ARGV[4]), tonumber(ARGV[5])
 local token, marker_ttl = ARGV[6], ARGV[7]
 local a = 8
-local done = {}
-for i = 1, m do
-  if redis.call('EXISTS', KEYS[i]) == 1 then done[#done + 1] = i end
+local chunk = 1000
+for first = 1, m, chunk do
+  local last = math.min(first + chunk - 1, m)
+  if redis.call('EXISTS', unpack(KEYS, first, last)) > 0 then
+    local done = {}
+    for i = 1, m do
+      if redis.call('EXISTS', KEYS[i]) == 1 then done[#done + 1] = i end
+    end
+    return {0, done}
+  end
 end
-if #done > 0 then return {0, done} end
 for i = 1, s do
   if (redis.call('HGET', KEYS[m + i], '_v') or '') ~= ARGV[a] then return {2, i} end
   a = a + 1
 end
 local k = m + s + 1
 if u > 0 then
-  for i = 1, u do
-    if tostring(redis.call('SISMEMBER', KEYS[k], ARGV[a + i - 1])) ~= ARGV[a + u + i - 1] then
-      return {2, 0}
+  for first = 1, u, chunk do
+    local last = math.min(first + chunk - 1, u)
+    local flags = redis.call('SMISMEMBER', KEYS[k], unpack(ARGV, a + first - 1, a + last - 1))
+    for i = first, last do
+      if tostring(flags[i - first + 1]) ~= ARGV[a + u + i - 1] then return {2, 0} end
     end
   end
   a = a + 2 * u
@@ -120,10 +129,8 @@ end
 for i = 1, s do
   local key, ttl, f = KEYS[m + i], ARGV[a], tonumber(ARGV[a + 1])
   a = a + 2
-  local fields = {'_v', token}
-  for j = 1, 2 * f do fields[2 + j] = ARGV[a + j - 1] end
+  redis.call('HSET', key, '_v', token, unpack(ARGV, a, a + 2 * f - 1))
   a = a + 2 * f
-  redis.call('HSET', key, unpack(fields))
   redis.call('EXPIRE', key, ttl)
   redis.call('SET', KEYS[k], ARGV[a], 'EX', ttl)
   a = a + 1
@@ -334,6 +341,50 @@ def _hashes(replies: Sequence[Sequence[str]]) -> list[dict[str, str]]:
 
 
 @dataclass(slots=True)
+class _Staged:
+    """One attempt's writes, ready for :data:`APPLY_SCRIPT`, and what they amount to."""
+
+    markers: list[str]
+    erased_by_user: dict[str, bool]
+    writes: _Writes
+    written: list[tuple[str, dict[str, State]]]
+    result: ApplyResult
+
+
+@dataclass(frozen=True, slots=True)
+class StagedApply:
+    """A batch read and folded by :meth:`OnlineFeatureStore.stage_events`, not written yet.
+
+    Attributes:
+        events: The batch as given.
+        generation: The store's :attr:`OnlineFeatureStore.generation` when it was staged.
+        result: The outcome when there is nothing to write (every event a repeat).
+        staged: The writes; ``None`` when there are none, or when the batch must be applied
+            synchronously (some events turned out applied by another consumer).
+    """
+
+    events: Sequence[EventRecord]
+    generation: int
+    result: ApplyResult | None
+    staged: _Staged | None
+
+
+@dataclass(frozen=True, slots=True)
+class InFlightApply:
+    """A batch whose write :meth:`OnlineFeatureStore.send` started.
+
+    Attributes:
+        batch: The staged batch.
+        reply: The commit script's reply to come; ``None`` when the batch was applied at once.
+        result: The outcome of a batch applied at once.
+    """
+
+    batch: StagedApply
+    reply: PendingReply | None
+    result: ApplyResult | None
+
+
+@dataclass(slots=True)
 class _Plan:
     """The routing of a batch: which entity states each event folds into."""
 
@@ -382,6 +433,15 @@ class OnlineFeatureStore:
         self._entity_ttl_s = {
             e: max((v.state_ttl_s for v in vs), default=0) for e, vs in self._entity_views.items()
         }
+        # Key prefixes by entity type (see RedisKeys.feature_state_prefix): two keys per entity
+        # of every batch.
+        self._state_prefix = {e: self.keys.feature_state_prefix(e) for e in EntityType}
+        self._record_prefix = {e: self.keys.features_prefix(e) for e in EntityType}
+        # How each event is routed, per view: (view name, entity type, entity_key, behaviour
+        # view?), unpacked once rather than read off every view for every event.
+        self._routes = tuple(
+            (v.name, v.entity, v.entity_key, v.entity is EntityType.USER) for v in self.views
+        )
         # Served names and their ``view:feature`` references, in spec order, built once.
         self._ref_order = {
             v.name: (tuple(spec.name for spec in v.specs), tuple(spec.ref for spec in v.specs))
@@ -393,6 +453,7 @@ class OnlineFeatureStore:
         self.state_cache_size = state_cache_size
         # State key to (version token written, view name to state), oldest write first.
         self._state_cache: dict[str, tuple[str, dict[str, State]]] = {}
+        self._generation = 0
         # Catalog record JSON to its info (None: unreadable). Every batch reads the records of
         # its items and hot items recur in each; decoding them again was 4% of the processor's
         # CPU. Keyed by the JSON itself, a changed record is a miss, never a stale hit.
@@ -403,6 +464,21 @@ class OnlineFeatureStore:
 
     def _record_ttl_s(self, entity_type: EntityType) -> int:
         return self._entity_ttl_s[entity_type]
+
+    def _state_key(self, entity_type: EntityType, entity_id: str) -> str:
+        # An empty id goes through RedisKeys, which refuses it.
+        return (
+            self._state_prefix[entity_type] + entity_id
+            if entity_id
+            else self.keys.feature_state(entity_type, entity_id)
+        )
+
+    def _record_key(self, entity_type: EntityType, entity_id: str) -> str:
+        return (
+            self._record_prefix[entity_type] + entity_id
+            if entity_id
+            else self.keys.features(entity_type, entity_id)
+        )
 
     # -- the request path ----------------------------------------------------------------------
 
@@ -631,18 +707,20 @@ class OnlineFeatureStore:
         opted_out: set[str],
     ) -> _Plan:
         plan = _Plan(events=[], erased=[], groups={})
+        groups, routes = plan.groups, self._routes
         for event in events:
             if event.user_id in erased:
                 plan.erased.append(event)
                 continue
             plan.events.append(event)
             item = items.get(event.item_id)
-            for v in self.views:
-                if v.entity is EntityType.USER and event.user_id in opted_out:
+            opted = event.user_id in opted_out
+            for name, entity_type, entity_key, behaviour in routes:
+                if behaviour and opted:
                     continue  # the user asked for no behaviour features
-                entity_id = v.entity_key(event, item)
+                entity_id = entity_key(event, item)
                 if entity_id is not None:
-                    plan.groups.setdefault((v.entity, entity_id), {}).setdefault(v.name, []).append(event)
+                    groups.setdefault((entity_type, entity_id), {}).setdefault(name, []).append(event)
         return plan
 
     def apply_events(self, events: Sequence[EventRecord]) -> ApplyResult:
@@ -669,22 +747,9 @@ class OnlineFeatureStore:
         duplicates = len(events) - len(unique)
         if not unique:
             return ApplyResult(duplicates=duplicates)
-        keys = self.keys
-        item_ids = sorted({e.item_id for e in unique})
-        user_ids = sorted({e.user_id for e in unique})
-        with self.store.guard():
-            pipe = self.store.client.pipeline(transaction=False)
-            pipe.mget([keys.item(i) for i in item_ids])
-            pipe.mget([keys.user(u) for u in user_ids])
-            item_raw, user_raw = pipe.execute()
         # Events applied before are found by each attempt's own read of the processed markers.
         pending = unique
-        items = self._cached_infos(item_ids, item_raw)
-        opted_out = {
-            u
-            for u, r in zip(user_ids, user_raw, strict=True)
-            if r is not None and not _personalized(_loads_record(r))
-        }
+        items, opted_out = self._catalog(unique)
         retries = 0
         while pending:
             try:
@@ -707,6 +772,23 @@ class OnlineFeatureStore:
             duplicates += len(pending) - len(result)
             pending = result
         return ApplyResult(duplicates=duplicates, retries=retries)
+
+    def _catalog(self, events: Sequence[EventRecord]) -> tuple[dict[str, ItemInfo], set[str]]:
+        """Catalog info of the events' items, and which of their users opted out of personalisation."""
+        keys = self.keys
+        item_ids = sorted({e.item_id for e in events})
+        user_ids = sorted({e.user_id for e in events})
+        with self.store.guard():
+            pipe = self.store.client.pipeline(transaction=False)
+            pipe.mget([keys.item(i) for i in item_ids])
+            pipe.mget([keys.user(u) for u in user_ids])
+            item_raw, user_raw = pipe.execute()
+        opted_out = {
+            u
+            for u, r in zip(user_ids, user_raw, strict=True)
+            if r is not None and not _personalized(_loads_record(r))
+        }
+        return self._cached_infos(item_ids, item_raw), opted_out
 
     def _remember(self, token: str, written: Sequence[tuple[str, dict[str, State]]]) -> None:
         """Cache states just written with ``token``, dropping the least recently written beyond the size."""
@@ -752,12 +834,25 @@ class OnlineFeatureStore:
         self, pending: list[EventRecord], items: Mapping[str, ItemInfo], opted_out: set[str]
     ) -> ApplyResult | list[EventRecord]:
         """One optimistic attempt; returns the still-pending events when some turned out done."""
+        staged = self._stage(pending, items, opted_out)
+        if not isinstance(staged, _Staged):
+            return staged
+        done_now = self._apply(staged.markers, staged.erased_by_user, staged.writes)
+        if done_now:
+            return [e for i, e in enumerate(pending, start=1) if i not in done_now]
+        self._remember(staged.writes.token, staged.written)
+        return staged.result
+
+    def _stage(
+        self, pending: list[EventRecord], items: Mapping[str, ItemInfo], opted_out: set[str]
+    ) -> _Staged | list[EventRecord]:
+        """The reads and folds of one attempt: its writes, or the events still pending if some were done."""
         keys = self.keys
         markers = [keys.processed_event(e.event_id) for e in pending]
         user_ids = sorted({e.user_id for e in pending})
         # Routing needs no erased flags: erased users' events are routed, then dropped below.
         routed = self._plan(pending, items, set(), opted_out)
-        state_keys = {entity: keys.feature_state(entity[0], entity[1]) for entity in routed.groups}
+        state_keys = {entity: self._state_key(*entity) for entity in routed.groups}
         # Cached states are taken out of the cache: the folds update them in place, so they go
         # back only once the write succeeds. Any other outcome leaves them out, to be read again.
         held: dict[tuple[EntityType, str], tuple[str, dict[str, State]]] = {}
@@ -806,7 +901,7 @@ class OnlineFeatureStore:
                 token,
                 self._record_ttl_s(entity_type),
                 fields,
-                keys.features(entity_type, entity_id),
+                self._record_key(entity_type, entity_id),
                 self._record(entity_type, states, now, stamp),
             )
             written.append((key, states))
@@ -815,15 +910,127 @@ class OnlineFeatureStore:
         for event in plan.events:
             if event.kind in _NEGATIVE_KINDS:
                 writes.sadd(keys.exclusions(event.user_id), event.item_id)
-        done_now = self._apply(markers, erased_by_user, writes)
-        if done_now:
-            return [e for i, e in enumerate(pending, start=1) if i not in done_now]
-        self._remember(writes.token, written)
-        return ApplyResult(
+        result = ApplyResult(
             applied=len(plan.events),
             skipped=len(plan.erased),
             entities=len(plan.groups),
             applied_by_type=dict(Counter(e.kind for e in plan.events)),
+        )
+        return _Staged(markers, erased_by_user, writes, written, result)
+
+    # -- the overlapped write path (see StagedApply) ---------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        """How many times :meth:`forget` ran: a batch staged under an older one must be staged again."""
+        return self._generation
+
+    def forget(self) -> None:
+        """Drop every cached state, so the next batch reads what Redis holds."""
+        self._state_cache.clear()
+        self._generation += 1
+
+    def stage_events(self, events: Sequence[EventRecord]) -> StagedApply:
+        """Read and fold a batch without writing it; :meth:`send` then writes it.
+
+        The states it folds are cached at once with the token they will be written with, so the
+        next batch can be staged on top of them while this one's write runs in Redis. Nothing
+        about that is trusted: the commit script checks those tokens as it checks any, so if this
+        write fails, the next one fails its check too and is read and folded again; the failure
+        also empties the cache (:meth:`forget`), and a batch staged before that must be staged again
+        (see :attr:`generation`).
+
+        Args:
+            events: The batch, in any order.
+
+        Returns:
+            The staged batch.
+
+        Raises:
+            StoreUnavailable: Redis could not be reached.
+        """
+        generation = self._generation
+        first_seen: dict[str, EventRecord] = {}
+        for event in events:
+            first_seen.setdefault(event.event_id, event)
+        unique = list(first_seen.values())
+        duplicates = len(events) - len(unique)
+        if not unique:
+            return StagedApply(events, generation, ApplyResult(duplicates=duplicates), None)
+        items, opted_out = self._catalog(unique)
+        staged = self._stage(unique, items, opted_out)
+        if not isinstance(staged, _Staged):
+            # Some were applied meanwhile by another consumer: the synchronous path sorts it out.
+            return StagedApply(events, generation, None, None)
+        self._remember(staged.writes.token, staged.written)
+        staged.result = ApplyResult(
+            applied=staged.result.applied,
+            duplicates=duplicates,
+            skipped=staged.result.skipped,
+            entities=staged.result.entities,
+            applied_by_type=staged.result.applied_by_type,
+        )
+        return StagedApply(events, generation, None, staged)
+
+    def send(self, batch: StagedApply) -> InFlightApply:
+        """Start writing a staged batch; :meth:`finish` collects the outcome.
+
+        A batch staged before a :meth:`forget` is staged again first. A batch that needs no
+        write, or must take the synchronous path, is applied here and now.
+
+        Raises:
+            StoreUnavailable: Redis could not be reached; the cache is forgotten.
+            ApplyConflict: As :meth:`apply_events` raises.
+        """
+        if batch.generation != self._generation:
+            batch = self.stage_events(batch.events)
+        if batch.staged is None:
+            result = batch.result if batch.result is not None else self.apply_events(batch.events)
+            return InFlightApply(batch, None, result)
+        staged = batch.staged
+        n_keys, keys_and_args = staged.writes.command(
+            staged.markers, self.processed_ttl_s, staged.erased_by_user, self.keys
+        )
+        try:
+            with self.store.guard():
+                reply = self.store.send_eval(APPLY_SCRIPT, n_keys, *keys_and_args)
+        except BaseException:
+            self.forget()
+            raise
+        return InFlightApply(batch, reply, None)
+
+    def finish(self, flight: InFlightApply) -> ApplyResult:
+        """Wait for a batch's write; when a check failed, apply it again synchronously.
+
+        Raises:
+            StoreUnavailable: Redis could not be reached; whether the batch was written is
+                unknown (a redelivery is a no-op if it was), and the cache is forgotten.
+            ApplyConflict: As :meth:`apply_events` raises.
+        """
+        if flight.reply is None:
+            assert flight.result is not None
+            return flight.result
+        staged = flight.batch.staged
+        assert staged is not None
+        try:
+            with self.store.guard():
+                reply = flight.reply.result()
+        except BaseException:
+            self.forget()
+            raise
+        if int(reply[0]) == 1:
+            return staged.result
+        # Another writer got in first: the speculative states are wrong, and so is anything staged
+        # on them. The synchronous path reads again and skips what turned out to be applied.
+        self.forget()
+        again = self.apply_events(flight.batch.events)
+        return ApplyResult(
+            applied=again.applied,
+            duplicates=again.duplicates,
+            skipped=again.skipped,
+            entities=again.entities,
+            retries=again.retries + 1,
+            applied_by_type=again.applied_by_type,
         )
 
 

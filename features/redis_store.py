@@ -98,6 +98,52 @@ def _hiredis_packing(connection_class: type[AbstractConnection]) -> type[Abstrac
     return type(f"Hiredis{connection_class.__name__}", (_HiredisPacking, connection_class), {})
 
 
+class PendingReply:
+    """The reply to a command sent with :meth:`RedisStore.send_eval`, read once.
+
+    Args:
+        pool: The pool the connection goes back to.
+        conn: The connection the command went out on.
+    """
+
+    __slots__ = ("_conn", "_pool")
+
+    def __init__(self, pool: Any, conn: Any) -> None:
+        self._pool = pool
+        self._conn: Any = conn
+
+    def result(self) -> Any:
+        """Wait for the reply and return it, decoded as the client decodes replies.
+
+        Raises:
+            redis.RedisError: The reply could not be read, or is an error; whether the command
+                ran is then unknown (callers use :meth:`RedisStore.guard`).
+            RuntimeError: The reply was read or dropped already.
+        """
+        conn = self._take()
+        try:
+            return conn.read_response()
+        except redis.ResponseError:
+            raise  # a whole reply was read: the connection is in step
+        except BaseException:
+            conn.disconnect()  # a reply may still come: nobody else may read it
+            raise
+        finally:
+            self._pool.release(conn)
+
+    def drop(self) -> None:
+        """Give the connection back without the reply; it is closed, so no later reader gets it."""
+        conn = self._take()
+        conn.disconnect()
+        self._pool.release(conn)
+
+    def _take(self) -> Any:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            raise RuntimeError("the reply was read or dropped already")
+        return conn
+
+
 class RedisStore:
     """Pooled access to the online store of one namespace.
 
@@ -221,6 +267,40 @@ class RedisStore:
             return conn.retry.call_with_retry(call, lambda _error: conn.disconnect())
         finally:
             pool.release(conn)
+
+    def send_eval(
+        self, script: str, num_keys: int, *keys_and_args: str | bytes | int | float
+    ) -> PendingReply:
+        """Send an :meth:`eval_many` command without waiting for its reply.
+
+        Redis runs the script as soon as it has it; the caller does other work (on other
+        connections of the pool) and collects the reply with :meth:`PendingReply.result`. The
+        connection stays checked out of the pool until then.
+
+        Args:
+            script: The Lua source.
+            num_keys: How many of ``keys_and_args`` are keys.
+            *keys_and_args: The keys, then the other arguments (str, bytes, int or float).
+
+        Returns:
+            The reply to come.
+
+        Raises:
+            redis.RedisError: The command could not be sent (callers use :meth:`guard`).
+        """
+        command: tuple[Any, ...] = ("EVAL", script, num_keys, *keys_and_args)
+        packed = [hiredis.pack_command(command)]
+        pool = self.pool
+        conn: Any = pool.get_connection()
+        try:
+            # Resending is safe: a command cut short never reached the script.
+            conn.retry.call_with_retry(
+                lambda: conn.send_packed_command(packed), lambda _error: conn.disconnect()
+            )
+        except BaseException:
+            pool.release(conn)
+            raise
+        return PendingReply(pool, conn)
 
     def mget_json(self, keys: Sequence[str], *, chunk: int = 1000) -> list[dict[str, Any] | None]:
         """Read packed JSON records, in one round trip.

@@ -144,6 +144,11 @@ def consumer_families(report: Mapping[str, Any] | None) -> list[Metric]:
     running = GaugeMetricFamily(
         "rayrec_consumer_running", "Whether a consumer's loop is running.", labels=["consumer"]
     )
+    cpu = CounterMetricFamily(
+        "rayrec_consumer_cpu_seconds",
+        "CPU seconds of a consumer's process; against its entries' rate, the CPU per entry.",
+        labels=["consumer"],
+    )
     for consumer, batch_key in _CONSUMERS.items():
         stats = (report or {}).get(consumer)
         if not isinstance(stats, Mapping):
@@ -153,10 +158,12 @@ def consumer_families(report: Mapping[str, Any] | None) -> list[Metric]:
         entries.add_metric(labels, float(stats.get("entries", 0)))
         errors.add_metric(labels, float(stats.get("errors", 0)))
         running.add_metric(labels, 1.0 if stats.get("running") else 0.0)
+        if "cpu_s" in stats:
+            cpu.add_metric(labels, float(stats["cpu_s"]))
         if "busy_s" in stats:
             busy.add_metric(labels, float(stats["busy_s"]))
             last.add_metric(labels, float(stats.get("last_batch_s", 0.0)))
-    return [up, batches, entries, busy, last, errors, running]
+    return [up, batches, entries, busy, last, errors, running, cpu]
 
 
 async def _consumer_report(request: Request) -> Mapping[str, Any] | None:

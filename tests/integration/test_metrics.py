@@ -148,6 +148,8 @@ def test_serve_scrape_reports_the_stream_workers(serve_url: str, store: RedisSto
     assert value(now, "rayrec_consumer_stats_up") == 1.0
     assert value(now, "rayrec_consumer_running", consumer="stream_processor") == 1.0
     assert value(now, "rayrec_consumer_running", consumer="lake_writer") == 1.0
+    cpu = "rayrec_consumer_cpu_seconds_total"
+    assert value(now, cpu, consumer="stream_processor") >= value(before, cpu, consumer="stream_processor") > 0
     assert (
         value(now, "rayrec_events_accepted_total", event_type="like")
         - value(before, "rayrec_events_accepted_total", event_type="like")

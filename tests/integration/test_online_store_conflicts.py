@@ -102,3 +102,25 @@ def test_the_cache_keeps_the_most_recently_written_states(store: RedisStore) -> 
     cached.apply_events([EventRecord.from_event(e) for e in make_events(12, items, users=6)])
     assert len(cached._state_cache) == 4
     assert_exactly_once(store, make_events(12, items, users=6))
+
+
+def test_a_marker_past_the_first_chunk_is_found(store: RedisStore) -> None:
+    # The script checks markers a thousand keys per command; one in a later chunk must count too.
+    items = put_items(store, 5)
+    events = make_events(2500, items, users=40)
+    records = [EventRecord.from_event(e) for e in events]
+    clock = _interrupting_clock(lambda: OnlineFeatureStore(store).apply_events([records[2100]]))
+    result = OnlineFeatureStore(store, clock=clock).apply_events(records)
+    assert (result.applied, result.duplicates) == (2499, 1)
+    assert_exactly_once(store, events)
+
+
+def test_a_user_erased_meanwhile_is_skipped_on_the_retry(store: RedisStore) -> None:
+    items = put_items(store, 3)
+    events = make_events(6, items, users=2)
+    erased = events[0].user_id
+    clock = _interrupting_clock(lambda: store.client.sadd(store.keys.erased_users(), erased))
+    result = OnlineFeatureStore(store, clock=clock).apply_events([EventRecord.from_event(e) for e in events])
+    assert result.retries >= 1
+    assert result.skipped == sum(e.user_id == erased for e in events)
+    assert result.applied == len(events) - result.skipped

@@ -11,7 +11,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -356,6 +356,62 @@ def test_concurrent_consumers_on_hot_entities_lose_no_update(
     for thread in threads:
         thread.join(60)
     assert sum(p.stats.entries for p in processors) == 600
+    assert_exactly_once(store, events)
+
+
+# -- overlapped batches (the actor's mode) ----------------------------------------------------------
+
+
+def _overlapped(store: RedisStore, metrics: StreamMetrics, **online: Any) -> StreamProcessor:
+    store_ = OnlineFeatureStore(store, state_cache_size=1_000, **online)
+    return StreamProcessor(store, "p1", online=store_, metrics=metrics, overlap=True)
+
+
+def test_overlapped_batches_apply_every_event_exactly_once(store: RedisStore, metrics: StreamMetrics) -> None:
+    items = put_items(store, 20)
+    events = make_events(2_000, items)
+    xadd_events(store, events)
+    processor = _overlapped(store, metrics)
+    assert processor.run_once(250, 0) == 250
+    # The first batch's write is in flight until the next call takes on the second batch.
+    assert pending(store, store.keys.stream_events(), FEATURES_GROUP) == 250
+    assert processor.drain(count=250) == 2_000 - 250
+    assert processor.stats.entries == processor.stats.applied == 2_000
+    assert pending(store, store.keys.stream_events(), FEATURES_GROUP) == 0
+    assert_exactly_once(store, events)
+
+
+def test_a_batch_staged_on_a_write_that_failed_is_folded_again(
+    store: RedisStore, metrics: StreamMetrics
+) -> None:
+    items = put_items(store, 3)
+    events, other = make_events(600, items, users=5), make_events(1, items, users=5, seed=7)
+    xadd_events(store, events)
+    calls: list[int] = []
+
+    def clock() -> datetime:
+        # Between the first batch's reads and its write, another writer changes a state it
+        # folds; the second batch is staged on the first's states before its write fails.
+        calls.append(1)
+        if len(calls) == 1:
+            OnlineFeatureStore(store).apply_events([EventRecord.from_event(other[0])])
+        return utcnow()
+
+    processor = _overlapped(store, metrics, clock=clock)
+    assert processor.drain(count=200) == 600
+    assert processor.stats.retries >= 1
+    assert processor.stats.applied == 600
+    assert_exactly_once(store, [*events, *other])
+
+
+def test_an_event_repeated_in_the_next_batch_counts_once(store: RedisStore, metrics: StreamMetrics) -> None:
+    # The second batch reads its markers before the first batch's write lands.
+    items = put_items(store, 5)
+    events = make_events(100, items)
+    xadd_events(store, [*events[:50], events[10], *events[50:]])
+    processor = _overlapped(store, metrics)
+    assert processor.drain(count=50) == 101
+    assert (processor.stats.applied, processor.stats.duplicates) == (100, 1)
     assert_exactly_once(store, events)
 
 
