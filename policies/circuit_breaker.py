@@ -2,8 +2,12 @@
 
 A pure state machine over a monotonic clock; the caller reports outcomes and asks before calling.
 
-- ``closed``: calls go through. ``failure_threshold`` failures (errors or timeouts) within
-  ``window_s`` open the breaker.
+- ``closed``: calls go through. The breaker opens when, within ``window_s``, at least
+  ``failure_threshold`` calls failed (errors or timeouts) and they are at least
+  ``failure_ratio`` of the calls made. The ratio is what tells a failing dependency from a busy
+  moment: one stall of the caller's event loop makes every call in flight late at once, a
+  handful of consecutive timeouts among hundreds of good calls, and a breaker that counted
+  only those opened for a whole cool-down several times a minute at 50 requests/s.
 - ``open``: calls are refused at once (the caller takes its fallback without waiting for a
   timeout). After ``cooldown_s`` the breaker turns half-open.
 - ``half_open``: up to ``half_open_probes`` calls go through; the first success closes the
@@ -43,7 +47,10 @@ class CircuitBreakerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     failure_threshold: Annotated[int, Field(ge=1)] = 5
-    """Failures within ``window_s`` that open the breaker."""
+    """Failures within ``window_s`` needed to open the breaker."""
+
+    failure_ratio: Annotated[float, Field(gt=0, le=1)] = 0.5
+    """Share of the calls within ``window_s`` that must have failed to open it."""
 
     window_s: Annotated[float, Field(gt=0)] = 10.0
     """How far back failures count."""
@@ -62,6 +69,7 @@ class BreakerSnapshot:
     Attributes:
         state: Current state.
         recent_failures: Failures within the window (closed) that count towards opening.
+        recent_calls: Calls within the window (closed), failed or not.
         opened_total: Times the breaker opened since it was created.
         rejected_total: Calls refused while open.
         open_for_s: Seconds since it last opened, when open or half-open.
@@ -69,6 +77,7 @@ class BreakerSnapshot:
 
     state: BreakerState
     recent_failures: int
+    recent_calls: int
     opened_total: int
     rejected_total: int
     open_for_s: float | None
@@ -91,7 +100,9 @@ class CircuitBreaker:
         self.config = config or CircuitBreakerConfig()
         self._clock = clock
         self._state = BreakerState.CLOSED
-        self._failures: deque[float] = deque()
+        # Outcomes of the calls within the window, oldest first: (time, failed).
+        self._outcomes: deque[tuple[float, bool]] = deque()
+        self._failures = 0
         self._opened_at: float | None = None
         self._probes_in_flight = 0
         self.opened_total = 0
@@ -128,8 +139,7 @@ class CircuitBreaker:
         if self._state is BreakerState.HALF_OPEN:
             self._close()
         elif self._state is BreakerState.CLOSED:
-            # Failures count only while they keep coming; a success breaks the streak.
-            self._failures.clear()
+            self._record(self._clock(), failed=False)
 
     def record_failure(self) -> None:
         """A call that was allowed failed or was late."""
@@ -139,12 +149,23 @@ class CircuitBreaker:
             return
         if self._state is BreakerState.OPEN:
             return
-        self._failures.append(now)
-        horizon = now - self.config.window_s
-        while self._failures and self._failures[0] < horizon:
-            self._failures.popleft()
-        if len(self._failures) >= self.config.failure_threshold:
+        self._record(now, failed=True)
+        config = self.config
+        if self._failures >= config.failure_threshold and self._failures >= config.failure_ratio * len(
+            self._outcomes
+        ):
             self._open(now)
+
+    def _record(self, now: float, *, failed: bool) -> None:
+        self._outcomes.append((now, failed))
+        self._failures += failed
+        self._forget_before(now - self.config.window_s)
+
+    def _forget_before(self, horizon: float) -> None:
+        outcomes = self._outcomes
+        while outcomes and outcomes[0][0] < horizon:
+            _, failed = outcomes.popleft()
+            self._failures -= failed
 
     def release_probe(self) -> None:
         """A half-open probe ended without an outcome (cancelled); free its slot."""
@@ -154,23 +175,28 @@ class CircuitBreaker:
     def _open(self, now: float) -> None:
         self._state = BreakerState.OPEN
         self._opened_at = now
-        self._failures.clear()
+        self._outcomes.clear()
+        self._failures = 0
         self._probes_in_flight = 0
         self.opened_total += 1
 
     def _close(self) -> None:
         self._state = BreakerState.CLOSED
         self._opened_at = None
-        self._failures.clear()
+        self._outcomes.clear()
+        self._failures = 0
         self._probes_in_flight = 0
 
     def snapshot(self) -> BreakerSnapshot:
         """The state for metrics and the status route."""
         state = self.state
-        open_for = None if self._opened_at is None else self._clock() - self._opened_at
+        now = self._clock()
+        self._forget_before(now - self.config.window_s)
+        open_for = None if self._opened_at is None else now - self._opened_at
         return BreakerSnapshot(
             state=state,
-            recent_failures=len(self._failures),
+            recent_failures=self._failures,
+            recent_calls=len(self._outcomes),
             opened_total=self.opened_total,
             rejected_total=self.rejected_total,
             open_for_s=open_for,

@@ -767,6 +767,7 @@ class RecommendationService:
             "rankerBreaker": {
                 "state": snapshot.state.value,
                 "recentFailures": snapshot.recent_failures,
+                "recentCalls": snapshot.recent_calls,
                 "openedTotal": snapshot.opened_total,
                 "rejectedTotal": snapshot.rejected_total,
                 "openForS": snapshot.open_for_s,

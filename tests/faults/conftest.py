@@ -111,7 +111,9 @@ def fault_app(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> It
             "redis_url": settings.redis_url,
             "serving": {
                 "surfaces_path": str(_test_surfaces(home / "surfaces.yaml")),
-                "breaker": {"failure_threshold": 3, "window_s": 30, "cooldown_s": 1.0},
+                # Three failures open it whatever came before: the traffic here is light and
+                # the ratio rule is the unit tests' business.
+                "breaker": {"failure_threshold": 3, "failure_ratio": 0.01, "window_s": 30, "cooldown_s": 1.0},
                 "user_read_ms": 15 * WIDEN,
                 "fallback_read_ms": 10 * WIDEN,
             },

@@ -54,13 +54,37 @@ def test_failures_outside_the_window_do_not_count(clock: Clock) -> None:
     assert b.snapshot().recent_failures == 1
 
 
-def test_a_success_breaks_the_streak(clock: Clock) -> None:
+def test_a_burst_of_failures_among_many_successes_does_not_open(clock: Clock) -> None:
+    # A stall of the caller makes every call in flight late at once: a few failures in a row
+    # among many good calls is a busy moment, not a failing dependency.
     b = breaker(clock)
-    b.record_failure()
-    b.record_failure()
-    b.record_success()
-    b.record_failure()
+    for _ in range(20):
+        b.record_success()
+    for _ in range(8):
+        b.record_failure()
     assert state(b) is BreakerState.CLOSED
+    assert (b.snapshot().recent_failures, b.snapshot().recent_calls) == (8, 28)
+
+
+def test_opens_once_failures_reach_the_ratio(clock: Clock) -> None:
+    b = breaker(clock, failure_ratio=0.5)
+    for _ in range(6):
+        b.record_success()
+    for _ in range(5):
+        b.record_failure()
+    assert state(b) is BreakerState.CLOSED
+    b.record_failure()  # 6 of 12
+    assert state(b) is BreakerState.OPEN
+
+
+def test_successes_outside_the_window_do_not_dilute(clock: Clock) -> None:
+    b = breaker(clock)
+    for _ in range(50):
+        b.record_success()
+    clock.now += 11
+    for _ in range(3):
+        b.record_failure()
+    assert state(b) is BreakerState.OPEN
 
 
 def test_half_open_after_cooldown_lets_one_probe_through(clock: Clock) -> None:

@@ -183,7 +183,12 @@ def test_fit_check_can_be_skipped_for_bigger_nodes(tmp_path: Path) -> None:
     )
     _, (report,) = check_serve_config(path, node_cpus=None)
     _, (committed,) = check_serve_config(RAY_CONFIG)
-    assert report.cpus_start == pytest.approx(committed.cpus_start + 3 * 0.5)
+    ingress = _deployment(yaml.safe_load(RAY_CONFIG.read_text()), "ingress")
+    added = 4 - ingress["autoscaling_config"]["min_replicas"]
+    assert added > 0
+    assert report.cpus_start == pytest.approx(
+        committed.cpus_start + added * ingress["ray_actor_options"]["num_cpus"]
+    )
 
 
 def test_render_adds_missing_deployments_and_keeps_overrides(tmp_path: Path) -> None:
