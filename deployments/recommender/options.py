@@ -37,6 +37,10 @@ class ServingOptions(BaseModel):
     catalog_refresh_s: Annotated[float, Field(gt=0)] = 60.0
     """How often the content index is rebuilt from the catalog."""
 
+    heap_freeze_s: Annotated[float, Field(ge=0)] = 10.0
+    """How often the long-lived heap is collected and frozen (:mod:`deployments.recommender.heap`);
+    0 leaves the collector as Python sets it."""
+
     experiments_refresh_s: Annotated[float, Field(gt=0)] = 1.0
     """How often the experiment configuration is re-read from Redis; a failed read keeps the last one."""
 

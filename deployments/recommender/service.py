@@ -38,6 +38,7 @@ from core.stages import CandidateSource, FeatureHydrator, Scorer
 from core.types import Candidate, RequestContext
 from deployments.recommender.arms import ArmSurface, arm_surface
 from deployments.recommender.explain import Trace, candidate_view, traced_pipeline
+from deployments.recommender.heap import HeapFreezer
 from deployments.recommender.metrics import ServingMetrics
 from deployments.recommender.options import ServingOptions
 from deployments.recommender.remote_ranker import RankerClient, RemoteRankerScorer
@@ -308,6 +309,7 @@ class RecommendationService:
         }
         self.experiments = ExperimentSet()
         self._arm_pipelines: dict[tuple[str, str], tuple[SurfacePipeline, ArmSurface]] = {}
+        self._heap = HeapFreezer()
         self._start_lock = asyncio.Lock()
         self._started = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -380,6 +382,10 @@ class RecommendationService:
             self._spawn(self._every(self.options.catalog_refresh_s, self._refresh_catalog))
             self._spawn(self._every(self.options.popular_refresh_s, self._refresh_popular))
             self._spawn(self._every(self.options.experiments_refresh_s, self._refresh_experiments))
+            if self.options.heap_freeze_s > 0:
+                self._heap.relax()
+                await self._freeze_heap()
+                self._spawn(self._every(self.options.heap_freeze_s, self._freeze_heap))
             self._started = True
 
     async def _every(self, period_s: float, job: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -401,6 +407,10 @@ class RecommendationService:
             key=lambda e: (-(e.created_at_s if e.created_at_s is not None else float("-inf")), e.item_id),
         )
         self._newest = [e.item_id for e in newest[: self.options.popular_size]]
+
+    async def _freeze_heap(self) -> None:
+        took_ms = self._heap.run()
+        logger.debug("heap collected and frozen in %.1f ms (pass %d)", took_ms, self._heap.passes)
 
     async def _refresh_popular(self) -> None:
         try:
