@@ -393,6 +393,15 @@ class _Plan:
     groups: dict[tuple[EntityType, str], dict[str, list[EventRecord]]]
 
 
+def _unique_events(events: Sequence[EventRecord]) -> tuple[list[EventRecord], int]:
+    """The batch with each event id once (its first occurrence), and how many repeats were dropped."""
+    first_seen: dict[str, EventRecord] = {}
+    for event in events:
+        first_seen.setdefault(event.event_id, event)
+    unique = list(first_seen.values())
+    return unique, len(events) - len(unique)
+
+
 class OnlineFeatureStore:
     """Reads and writes the online features of one namespace.
 
@@ -740,11 +749,7 @@ class OnlineFeatureStore:
             ApplyConflict: Concurrent writers kept invalidating the transaction.
             StoreUnavailable: Redis could not be reached; nothing of the batch was applied.
         """
-        first_seen: dict[str, EventRecord] = {}
-        for event in events:
-            first_seen.setdefault(event.event_id, event)
-        unique = list(first_seen.values())
-        duplicates = len(events) - len(unique)
+        unique, duplicates = _unique_events(events)
         if not unique:
             return ApplyResult(duplicates=duplicates)
         # Events applied before are found by each attempt's own read of the processed markers.
@@ -950,11 +955,7 @@ class OnlineFeatureStore:
             StoreUnavailable: Redis could not be reached.
         """
         generation = self._generation
-        first_seen: dict[str, EventRecord] = {}
-        for event in events:
-            first_seen.setdefault(event.event_id, event)
-        unique = list(first_seen.values())
-        duplicates = len(events) - len(unique)
+        unique, duplicates = _unique_events(events)
         if not unique:
             return StagedApply(events, generation, ApplyResult(duplicates=duplicates), None)
         items, opted_out = self._catalog(unique)
