@@ -169,9 +169,17 @@ def serve_app(
     from ray import serve
 
     import deployments.app as app_module
+    from deployments.commands import ray_runtime_env
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace=settings.namespace)
+    # The Serve settings the product runs with (deployments.commands.SERVE_ENVIRONMENT).
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        namespace=settings.namespace,
+        runtime_env=ray_runtime_env(),
+    )
     try:
         serve.start(http_options={"host": LOOPBACK, "port": port})
         args = {"namespace": settings.namespace, "redis_url": settings.redis_url, "home": settings.home}
@@ -647,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="environment for every Ray process, e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (repeatable)",
+        help="environment for every Ray process, e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=0 (repeatable)",
     )
     parser.add_argument("--label", default="", help="free text stored with the result (what was measured)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ingest.json"))

@@ -125,6 +125,9 @@ def _test_serve_config(tmp_path: Path, settings: Settings, home: Path) -> tuple[
     ingress = next(d for d in app["deployments"] if d["name"] == "ingress")
     # Pinned to the worker raylet, so every request crosses from the head's proxy to another node.
     ingress["ray_actor_options"]["resources"] = {worker_resource(1): 0.01}
+    # One replica: this cluster's nodes have one CPU each, where the committed config plans for a
+    # 2-CPU node, and the test is about crossing nodes, not about how many replicas serve.
+    ingress["autoscaling_config"]["min_replicas"] = 1
     path = tmp_path / "ray_config.local.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     validate_serve_config(path)
