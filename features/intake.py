@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 
 from core.schema import NEGATIVE_FEEDBACK, UserEvent
 from features.redis_store import RedisStore
-from features.stream_codec import ENTRY_FIELD
+from features.stream_codec import ENTRY_FIELD, event_payload
 
 _RETRY_AFTER_FULL_S = 5
 _RETRY_AFTER_DOWN_S = 2
@@ -114,7 +114,7 @@ class EventIntake:
         # One argument for the whole call: redis-py encodes and packs each argument in Python,
         # which cost more than the script itself. Compact JSON escapes every control character
         # inside its strings, so a newline can only be a separator.
-        payloads = "\n".join([event.model_dump_json(by_alias=True) for event in events])
+        payloads = "\n".join([event_payload(event) for event in events])
         negative = [e for e in events if e.event_type in NEGATIVE_FEEDBACK]
         try:
             stored, length = await self._script(

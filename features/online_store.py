@@ -43,6 +43,7 @@ many entities it touches.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import uuid
@@ -964,13 +965,7 @@ class OnlineFeatureStore:
             # Some were applied meanwhile by another consumer: the synchronous path sorts it out.
             return StagedApply(events, generation, None, None)
         self._remember(staged.writes.token, staged.written)
-        staged.result = ApplyResult(
-            applied=staged.result.applied,
-            duplicates=duplicates,
-            skipped=staged.result.skipped,
-            entities=staged.result.entities,
-            applied_by_type=staged.result.applied_by_type,
-        )
+        staged.result = dataclasses.replace(staged.result, duplicates=duplicates)
         return StagedApply(events, generation, None, staged)
 
     def send(self, batch: StagedApply) -> InFlightApply:
@@ -1025,14 +1020,7 @@ class OnlineFeatureStore:
         # on them. The synchronous path reads again and skips what turned out to be applied.
         self.forget()
         again = self.apply_events(flight.batch.events)
-        return ApplyResult(
-            applied=again.applied,
-            duplicates=again.duplicates,
-            skipped=again.skipped,
-            entities=again.entities,
-            retries=again.retries + 1,
-            applied_by_type=again.applied_by_type,
-        )
+        return dataclasses.replace(again, retries=again.retries + 1)
 
 
 _NEGATIVE_KINDS: Final = frozenset(t.value for t in NEGATIVE_FEEDBACK)

@@ -17,8 +17,8 @@ import hiredis
 import redis
 import redis.asyncio as aredis
 from redis.asyncio.connection import AbstractConnection
+from redis.connection import HiredisRespSerializer
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core.settings import Settings
@@ -75,20 +75,15 @@ class _HiredisPacking:
 
     The request path sends commands of hundreds of arguments (``SMISMEMBER`` and ``MGET`` over a
     request's candidates); packing them argument by argument in Python cost about a millisecond
-    per request.
+    per request. The packing is redis-py's own (its sync client's serializer).
     """
+
+    _serializer = HiredisRespSerializer()
 
     def pack_command(self, *args: Any) -> list[bytes]:
         """The command in the Redis protocol, as one buffer."""
-        if isinstance(args[0], str):
-            args = tuple(args[0].encode().split()) + args[1:]
-        elif b" " in args[0]:
-            args = tuple(args[0].split()) + args[1:]
-        args = tuple(bytes(a) if isinstance(a, bytearray | memoryview) else a for a in args)
-        try:
-            return [hiredis.pack_command(args)]
-        except TypeError as exc:
-            raise DataError(str(exc)) from exc
+        packed: list[bytes] = self._serializer.pack(*args)
+        return packed
 
 
 def _hiredis_packing(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
@@ -96,6 +91,15 @@ def _hiredis_packing(connection_class: type[AbstractConnection]) -> type[Abstrac
     if issubclass(connection_class, _HiredisPacking):
         return connection_class
     return type(f"Hiredis{connection_class.__name__}", (_HiredisPacking, connection_class), {})
+
+
+def _packed_eval(
+    script: str, num_keys: int, keys_and_args: Sequence[str | bytes | int | float]
+) -> list[bytes]:
+    """``EVAL`` of a script, packed by hiredis in one call (see :meth:`RedisStore.eval_many`)."""
+    # Any: hiredis' stub types its argument as a one-element tuple.
+    command: tuple[Any, ...] = ("EVAL", script, num_keys, *keys_and_args)
+    return [hiredis.pack_command(command)]
 
 
 class PendingReply:
@@ -253,9 +257,7 @@ class RedisStore:
         Raises:
             redis.RedisError: As ``client.eval`` raises (callers use :meth:`guard`).
         """
-        # Any: hiredis' stub types its argument as a one-element tuple.
-        command: tuple[Any, ...] = ("EVAL", script, num_keys, *keys_and_args)
-        packed = [hiredis.pack_command(command)]
+        packed = _packed_eval(script, num_keys, keys_and_args)
         pool = self.pool
         conn: Any = pool.get_connection()
 
@@ -288,8 +290,7 @@ class RedisStore:
         Raises:
             redis.RedisError: The command could not be sent (callers use :meth:`guard`).
         """
-        command: tuple[Any, ...] = ("EVAL", script, num_keys, *keys_and_args)
-        packed = [hiredis.pack_command(command)]
+        packed = _packed_eval(script, num_keys, keys_and_args)
         pool = self.pool
         conn: Any = pool.get_connection()
         try:

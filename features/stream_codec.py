@@ -48,9 +48,14 @@ def entry_key(entry_id: str) -> tuple[int, int]:
     return (int(ms), int(seq or 0))
 
 
+def event_payload(event: UserEvent) -> str:
+    """One event as the events stream holds it: compact JSON (no raw newline, see the intake)."""
+    return event.model_dump_json(by_alias=True)
+
+
 def encode_event(event: UserEvent) -> dict[FieldT, EncodableT]:
     """The fields to ``XADD`` to the events stream for one event."""
-    return {ENTRY_FIELD: event.model_dump_json(by_alias=True)}
+    return {ENTRY_FIELD: event_payload(event)}
 
 
 def encode_log_entry(entry: RecommendationLogEntry) -> dict[FieldT, EncodableT]:
