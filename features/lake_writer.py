@@ -379,8 +379,14 @@ class LakeWriterActor:
         return self.stats()
 
     def stats(self) -> dict[str, Any]:
-        """Totals of the writer and state of the loop."""
-        return {"buffered": self._writer.buffered, **asdict(self._writer.stats), **self._loop.stats()}
+        """Totals of the writer and state of the loop.
+
+        ``entries`` counts the entries acknowledged, their files in place; ``taken`` counts those
+        the loop has read, ``buffered`` included.
+        """
+        loop = self._loop.stats()
+        totals = asdict(self._writer.stats)
+        return {"buffered": self._writer.buffered, **loop, "taken": loop["entries"], **totals}
 
 
 def start_lake_writer(

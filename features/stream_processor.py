@@ -280,7 +280,11 @@ class StreamProcessor:
         Its processing time is ``spent_s`` plus the time since ``since`` (``perf_counter``).
         """
         acked = self.consumer.ack([e.entry_id for e in entries])
+        elapsed = spent_s + time.perf_counter() - since
         stats, counter = self.stats, self.metrics.entries_processed
+        # Time first: a concurrent ``stats`` read that sees the entries also sees their time.
+        stats.busy_s += elapsed
+        stats.last_batch_s = elapsed
         stats.batches += 1
         stats.entries += len(entries)
         stats.applied += result.applied
@@ -296,9 +300,6 @@ class StreamProcessor:
         ):
             if n:
                 counter.labels(GROUP, outcome).inc(n)
-        elapsed = spent_s + time.perf_counter() - since
-        stats.busy_s += elapsed
-        stats.last_batch_s = elapsed
         self.metrics.batch_seconds.labels(GROUP).observe(elapsed)
         if acked != len(entries):
             # Another consumer claimed and acknowledged some of them meanwhile; effects are still once.
@@ -411,11 +412,17 @@ class StreamProcessorActor:
         return self.stats()
 
     def stats(self) -> dict[str, Any]:
-        """Totals of the processor and state of the loop."""
+        """Totals of the processor and state of the loop.
+
+        ``entries`` counts the entries acknowledged, with their effects written; ``taken`` counts
+        those the loop has taken on, which with overlapped batches runs one batch ahead.
+        """
+        loop = self._loop.stats()
         return {
             "consumer": self._processor.consumer.consumer,
+            **loop,
+            "taken": loop["entries"],
             **asdict(self._processor.stats),
-            **self._loop.stats(),
         }
 
 
