@@ -136,6 +136,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """
     from core.schema import utcnow
     from deployments.commands import DEFAULT_APP, block_until_interrupted, serve_app
+    from deployments.commands import connect_ray as connect_serving_ray
     from features.event_replay import replay_events
     from features.online_store import OnlineFeatureStore
     from training.config import TrainConfig
@@ -157,6 +158,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     rc = cmd_status(args)
     if rc:
         return rc
+    # Ray starts with Serve's settings for its workers (the job's runtime_env): the Serve
+    # controller and proxies started after training belong to this job and read them.
+    connect_serving_ray(args.num_cpus)
     connect_ray(num_cpus=args.num_cpus)
     run = run_training(TrainConfig.smoke_test(promote_to=None), home=settings.home)
     if run.bundle is None:

@@ -104,17 +104,17 @@ def connect_ray(*, num_cpus: int | None = None, quiet: bool = True) -> bool:
 
     import ray
 
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
+    started = not ray.is_initialized()
+    # Ray already up keeps the runtime_env it was started with (the demo's carries Serve's).
+    if started and os.environ.get("RAY_ADDRESS"):
         ray.init()
-    else:
+    elif started:
         ray.init(num_cpus=num_cpus, include_dashboard=False)
     if quiet:
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = False
-    return True
+    return started
 
 
 @dataclass
