@@ -104,12 +104,13 @@ def connect_ray(*, num_cpus: int | None = None, quiet: bool = True) -> bool:
 
     import ray
 
-    started = not ray.is_initialized()
     # Ray already up keeps the runtime_env it was started with (the demo's carries Serve's).
-    if started and os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    elif started:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+    started = not ray.is_initialized()
+    if started:
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False)
     if quiet:
         import ray.data
 

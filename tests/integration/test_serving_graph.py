@@ -186,7 +186,14 @@ def recommend(
     return body
 
 
-def whole(graph: Graph, path: str, **params: Any) -> dict[str, Any]:
+def _is_whole(body: dict[str, Any]) -> bool:
+    """No fallback, no skipped source; the debug route's account also no error."""
+    if "fallbacks" in body:
+        return not body["error"] and not body["fallbacks"] and not body["skippedSources"]
+    return body["fallback"] is None and not body["skippedSources"]
+
+
+def whole(graph: Graph, path: str, headers: dict[str, str] | None = None, **params: Any) -> dict[str, Any]:
     """An answer of ``path`` served by the whole pipeline: no fallback, no skipped source.
 
     Tests of what the pipeline computes read such an answer. On a loaded machine a stage can miss
@@ -195,36 +202,26 @@ def whole(graph: Graph, path: str, **params: Any) -> dict[str, Any]:
     answers: list[dict[str, Any]] = []
 
     def served_whole() -> dict[str, Any] | None:
-        response = get(graph, path, **params)
+        with httpx.Client(base_url=graph.url, timeout=60) as client:
+            response = client.get(path, params=params, headers=headers)
         assert response.status_code == 200, response.text
         body: dict[str, Any] = response.json()
         answers.append(body)
-        return body if body["fallback"] is None and not body["skippedSources"] else None
+        return body if _is_whole(body) else None
 
     try:
         answer: dict[str, Any] = until(served_whole, 60, f"a whole answer of {path}")
     except AssertionError as e:
-        seen = [(a["fallback"], a["skippedSources"]) for a in answers[-5:]]
+        seen = [(a.get("fallback", a.get("fallbacks")), a["skippedSources"]) for a in answers[-5:]]
         raise AssertionError(f"{e}; the last answers degraded as {seen}") from None
     return answer
 
 
 def explain(graph: Graph, user: str, surface: str = "home", limit: int = 20) -> dict[str, Any]:
     """The admin debug route's stage-by-stage account of one request, run whole."""
-
-    def ran_whole() -> dict[str, Any] | None:
-        with httpx.Client(base_url=graph.url, timeout=60) as client:
-            response = client.get(
-                "/api/admin/debug/recommendations",
-                params={"userId": user, "surface": surface, "limit": limit},
-                headers=ADMIN,
-            )
-        assert response.status_code == 200, response.text
-        body: dict[str, Any] = response.json()
-        return body if not body["error"] and not body["fallbacks"] and not body["skippedSources"] else None
-
-    answer: dict[str, Any] = until(ran_whole, 60, "a whole explained request")
-    return answer
+    return whole(
+        graph, "/api/admin/debug/recommendations", headers=ADMIN, userId=user, surface=surface, limit=limit
+    )
 
 
 def stage_candidates(explained: dict[str, Any], stage: str) -> list[dict[str, Any]]:
