@@ -33,6 +33,7 @@ from deployments.ingress import Ingress
 from deployments.ranker import Ranker
 from deployments.retrieval import Retrieval
 from deployments.stream_workers import StreamWorkers
+from features.partitions import PARTITIONS
 
 IMPORT_PATH = "deployments.app:build_app"
 """The ``import_path`` of every application this project deploys."""
@@ -263,11 +264,11 @@ def _init_kwargs(bound: Deployment) -> dict[str, Any]:
 
 
 def _stream_worker_actor_cpus(bound: Deployment) -> float:
-    """The stream processor and the lake writer each reserve ``actor_num_cpus``."""
+    """Each partition's stream processor and the lake writer reserve ``actor_num_cpus``."""
     signature = inspect.signature(cast(type, bound.func_or_class))
     arguments = signature.bind(*bound.init_args, **_init_kwargs(bound))
     arguments.apply_defaults()
-    return 2 * float(arguments.arguments["actor_num_cpus"])
+    return (len(PARTITIONS) + 1) * float(arguments.arguments["actor_num_cpus"])
 
 
 def _deployment(decorated: object) -> Deployment:

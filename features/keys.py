@@ -132,13 +132,18 @@ class RedisKeys:
 
     # Idempotency.
 
-    def processed_event(self, event_id: str) -> str:
-        """STRING marker set with ``SET NX EX``: present means the event was already applied.
+    def processed_event(self, partition: str, event_id: str) -> str:
+        """STRING marker: present means the event was already applied to a feature partition.
 
-        One key per event, with a TTL longer than any redelivery delay, so the markers expire
-        instead of growing without bound as a single set would.
+        One key per event and partition (see :mod:`features.partitions`), with a TTL longer
+        than any redelivery delay, so the markers expire instead of growing without bound as a
+        single set would.
         """
-        return f"{self._p}processed:{_entity('event', event_id)}"
+        return f"{self._p}processed:{_entity('partition', partition)}:{_entity('event', event_id)}"
+
+    def processed_prefix(self, partition: str) -> str:
+        """What :meth:`processed_event` puts before an event id (markers of a whole batch)."""
+        return f"{self._p}processed:{_entity('partition', partition)}:"
 
     # Serving.
 

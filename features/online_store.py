@@ -8,10 +8,11 @@ Layout (key names from :class:`features.keys.RedisKeys`):
 - ``{ns}:features:{entity}:{id}`` STRING, the packed serving record: JSON object of
   ``view:feature`` reference to value for every view of the entity, plus ``"updated_at"``
   (ISO 8601, UTC). The request path reads a batch of them with one ``MGET``.
-- ``{ns}:processed:{event_id}`` STRING ``"1"`` with a TTL (:attr:`OnlineFeatureStore.processed_ttl_s`):
-  the event was applied. Per-id keys rather than one set, because they expire on their own while
-  a set grows until someone prunes it; the TTL must exceed any redelivery delay (entries are
-  claimed within minutes; seven days by default).
+- ``{ns}:processed:{partition}:{event_id}`` STRING ``"1"`` with a TTL
+  (:attr:`OnlineFeatureStore.processed_ttl_s`): the event was applied to that feature partition
+  (see :mod:`features.partitions`). Per-id keys rather than one set, because they expire on
+  their own while a set grows until someone prunes it; the TTL must exceed any redelivery delay
+  (entries are claimed within minutes; seven days by default).
 - ``{ns}:trending-{global,region,category}:{epoch}[:{value}]`` ZSET (see :mod:`features.trending`).
 - ``{ns}:excluded:{user}`` SET of item ids (hide, not interested, report).
 
@@ -62,6 +63,7 @@ from features import trending
 from features.definitions import UPDATED_AT, VIEWS, serving_features
 from features.keys import RedisKeys
 from features.params import DAY_S, DEFAULT_PARAMS, FeatureParams
+from features.partitions import PARTITIONS, FeaturePartition
 from features.records import EventRecord, ItemInfo
 from features.redis_store import PendingReply, RedisStore
 from features.spec import FeatureView, State
@@ -410,6 +412,10 @@ class OnlineFeatureStore:
         store: The Redis store.
         params: Fold constants; must equal those of the offline computation.
         views: The views to maintain (all of :data:`features.definitions.VIEWS` by default).
+        partitions: The feature partitions it applies events to (see :mod:`features.partitions`):
+            only their views are folded and only their side effects (trending, exclusions)
+            written, and an event counts as applied once any of their processed markers exists.
+            A stream processor's store has one; the default, every partition, suits replays.
         processed_ttl_s: Lifetime of processed-event markers.
         max_retries: Transactions retried on conflicts before :class:`ApplyConflict`.
         clock: Current time, timezone-aware (injectable for tests).
@@ -426,6 +432,7 @@ class OnlineFeatureStore:
         *,
         params: FeatureParams = DEFAULT_PARAMS,
         views: Sequence[FeatureView] = VIEWS,
+        partitions: Sequence[FeaturePartition] = PARTITIONS,
         processed_ttl_s: int = PROCESSED_TTL_S,
         max_retries: int = 20,
         clock: Callable[[], datetime] = utcnow,
@@ -433,10 +440,19 @@ class OnlineFeatureStore:
     ) -> None:
         if state_cache_size < 0:
             raise ValueError(f"state_cache_size must be at least 0, not {state_cache_size}")
+        if not partitions:
+            raise ValueError("a feature store needs at least one partition")
         self.store = store
         self.keys = store.keys
         self.params = params
-        self.views = tuple(views)
+        self.partitions = tuple(partitions)
+        entities = frozenset(e for p in self.partitions for e in p.entities)
+        self.views = tuple(v for v in views if v.entity in entities)
+        self._trending = any(p.trending for p in self.partitions)
+        self._exclusions = any(p.exclusions for p in self.partitions)
+        # Opt-outs matter only to behaviour (user) views; the items partition skips their read.
+        self._reads_opt_outs = EntityType.USER in entities
+        self._marker_prefixes = tuple(self.keys.processed_prefix(p.name) for p in self.partitions)
         self._by_name = {v.name: v for v in self.views}
         # Looked up for every entity of every batch; the view list never changes after this.
         self._entity_views = {e: tuple(v for v in self.views if v.entity is e) for e in EntityType}
@@ -783,12 +799,14 @@ class OnlineFeatureStore:
         """Catalog info of the events' items, and which of their users opted out of personalisation."""
         keys = self.keys
         item_ids = sorted({e.item_id for e in events})
-        user_ids = sorted({e.user_id for e in events})
+        user_ids = sorted({e.user_id for e in events}) if self._reads_opt_outs else []
         with self.store.guard():
             pipe = self.store.client.pipeline(transaction=False)
             pipe.mget([keys.item(i) for i in item_ids])
-            pipe.mget([keys.user(u) for u in user_ids])
-            item_raw, user_raw = pipe.execute()
+            if user_ids:
+                pipe.mget([keys.user(u) for u in user_ids])
+            item_raw, *rest = pipe.execute()
+        user_raw = rest[0] if rest else []
         opted_out = {
             u
             for u, r in zip(user_ids, user_raw, strict=True)
@@ -845,7 +863,10 @@ class OnlineFeatureStore:
             return staged
         done_now = self._apply(staged.markers, staged.erased_by_user, staged.writes)
         if done_now:
-            return [e for i, e in enumerate(pending, start=1) if i not in done_now]
+            # The markers run partition by partition, each over the whole batch.
+            n = len(pending)
+            done_events = {(i - 1) % n for i in done_now}
+            return [e for i, e in enumerate(pending) if i not in done_events]
         self._remember(staged.writes.token, staged.written)
         return staged.result
 
@@ -854,7 +875,8 @@ class OnlineFeatureStore:
     ) -> _Staged | list[EventRecord]:
         """The reads and folds of one attempt: its writes, or the events still pending if some were done."""
         keys = self.keys
-        markers = [keys.processed_event(e.event_id) for e in pending]
+        # Event ids are validated non-empty, so prefix and id always make a whole key.
+        markers = [prefix + e.event_id for prefix in self._marker_prefixes for e in pending]
         user_ids = sorted({e.user_id for e in pending})
         # Routing needs no erased flags: erased users' events are routed, then dropped below.
         routed = self._plan(pending, items, set(), opted_out)
@@ -878,7 +900,10 @@ class OnlineFeatureStore:
         done, erased_flags = replies[0], replies[1]
         raw_by_key = dict(zip(to_read, _hashes(replies[2]), strict=True)) if to_read else {}
         if any(flag is not None for flag in done):
-            return [e for e, flag in zip(pending, done, strict=True) if flag is None]
+            # An event is done when any partition's marker exists (see features.partitions).
+            n = len(pending)
+            done_events = {i % n for i, flag in enumerate(done) if flag is not None}
+            return [e for i, e in enumerate(pending) if i not in done_events]
         erased_by_user = {u: bool(flag) for u, flag in zip(user_ids, erased_flags, strict=True)}
         erased = {u for u, flag in erased_by_user.items() if flag}
         plan = self._plan(pending, items, erased, opted_out) if erased else routed
@@ -911,11 +936,13 @@ class OnlineFeatureStore:
                 self._record(entity_type, states, now, stamp),
             )
             written.append((key, states))
-        for (scope, epoch), amounts in trending.increments(plan.events, items, params).items():
-            writes.zincrby(scope.key(keys, epoch), trending.expire_at_s(epoch, params), amounts)
-        for event in plan.events:
-            if event.kind in _NEGATIVE_KINDS:
-                writes.sadd(keys.exclusions(event.user_id), event.item_id)
+        if self._trending:
+            for (scope, epoch), amounts in trending.increments(plan.events, items, params).items():
+                writes.zincrby(scope.key(keys, epoch), trending.expire_at_s(epoch, params), amounts)
+        if self._exclusions:
+            for event in plan.events:
+                if event.kind in _NEGATIVE_KINDS:
+                    writes.sadd(keys.exclusions(event.user_id), event.item_id)
         result = ApplyResult(
             applied=len(plan.events),
             skipped=len(plan.erased),

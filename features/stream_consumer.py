@@ -70,6 +70,8 @@ class StreamConsumer:
         claim_idle_ms: Idle time after which another consumer's pending entry is taken over.
         claim_every_s: How often a full ``XAUTOCLAIM`` pass runs after the first, at start.
         clock: Monotonic clock in seconds (injectable for tests).
+        create_group: Creates the group when it is missing, answering whether it exists now
+            (``False``: not yet, try again later); by default it is created at the stream's start.
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class StreamConsumer:
         claim_idle_ms: int = 60_000,
         claim_every_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        create_group: Callable[[], bool] | None = None,
     ) -> None:
         if not consumer:
             raise ValueError("a consumer needs a non-empty name")
@@ -92,6 +95,7 @@ class StreamConsumer:
         self.claim_idle_ms = claim_idle_ms
         self.claim_every_s = claim_every_s
         self._clock = clock
+        self._create_group = create_group
         self._ready = False
         self._own_cursor: str | None = "0"
         self._claim_cursor: str | None = None
@@ -100,14 +104,18 @@ class StreamConsumer:
     def __repr__(self) -> str:
         return f"StreamConsumer({self.stream!r}, group={self.group!r}, consumer={self.consumer!r})"
 
-    def ensure_group(self) -> None:
-        """Create the group at the stream's start (and the stream) unless it exists."""
+    def ensure_group(self) -> bool:
+        """Create the group (and the stream) unless it exists; returns whether it exists now."""
+        if self._create_group is not None:
+            self._ready = self._create_group()
+            return self._ready
         try:
             self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
         except redis.ResponseError as exc:
             if _BUSYGROUP not in str(exc):
                 raise
         self._ready = True
+        return True
 
     def rewind(self) -> None:
         """Read this consumer's own pending entries again from the start on the next batch.
@@ -126,8 +134,10 @@ class StreamConsumer:
         Returns:
             Entries in id order within each source; empty when nothing arrived in time.
         """
-        if not self._ready:
-            self.ensure_group()
+        if not self._ready and not self.ensure_group():
+            # The group cannot be made yet; wait as a read would have, rather than spin.
+            time.sleep(min(block_ms, 1000) / 1000)
+            return []
         try:
             return self._next_batch(count, block_ms)
         except redis.ResponseError as exc:

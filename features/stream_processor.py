@@ -3,7 +3,10 @@
 Input: the events stream ``{ns}:stream:events``. Each entry has one field ``"e"`` holding a
 :class:`core.schema.UserEvent` as camelCase JSON; a producer adds one with
 ``XADD {ns}:stream:events * e <json>`` (:func:`features.stream_codec.encode_event` builds the
-fields). The processor reads it as a member of the consumer group ``"features"``.
+fields). A processor folds one feature partition (see :mod:`features.partitions`) and reads the
+stream as a member of that partition's consumer group (``features-users``, ``features-items``);
+the deployment runs one processor per partition, side by side. A processor made without a
+partition folds all of them, as a member of the group ``"features"`` (tests, small setups).
 
 Each batch: read (own pending entries after a restart, idle entries of dead consumers, then new
 ones; see :mod:`features.stream_consumer`) → decode (directly for entries the intake wrote, with
@@ -20,6 +23,7 @@ a no-op for everything already applied.
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import time
@@ -34,15 +38,19 @@ from features.consumer_loop import ConsumerLoop, relax_gc
 from features.metrics import StreamMetrics, default_metrics
 from features.online_store import ApplyResult, InFlightApply, OnlineFeatureStore
 from features.params import DEFAULT_PARAMS, FeatureParams
+from features.partitions import PARTITIONS, FeaturePartition
+from features.partitions import groups as partition_groups
+from features.partitions import partition as partition_named
 from features.records import EventRecord
 from features.redis_store import RedisStore
 from features.stream_codec import ENTRY_FIELD, FEATURES_GROUP, EntryDecodeError, decode_event
 from features.stream_consumer import StreamConsumer, StreamEntry
+from features.stream_groups import ensure_partition_group
 
 logger = logging.getLogger(__name__)
 
 GROUP: Final = FEATURES_GROUP
-"""Consumer group of the stream processor on the events stream."""
+"""Consumer group of a processor that folds every partition."""
 
 ACTOR_NAME: Final = "rayrec-stream-processor"
 """Default name of the processor actor, for ``ray.get_actor``."""
@@ -91,8 +99,10 @@ class StreamProcessor:
     Args:
         store: The Redis store.
         consumer: This consumer's name: unique in the group, the same across restarts.
-        online: The feature store to apply to; one on ``store`` with default parameters and a
-            state cache of :data:`STATE_CACHE_SIZE` when omitted.
+        partition: The feature partition it folds, in that partition's group; every partition,
+            in group :data:`GROUP`, when omitted.
+        online: The feature store to apply to, covering exactly ``partition``; one on ``store``
+            with default parameters and a state cache of :data:`STATE_CACHE_SIZE` when omitted.
         claim_idle_ms: Idle time after which other consumers' pending entries are taken over.
         claim_every_s: How often idle entries are looked for after the first time, at start.
         metrics: Where to count; the process-wide metrics when omitted.
@@ -107,6 +117,7 @@ class StreamProcessor:
         store: RedisStore,
         consumer: str,
         *,
+        partition: FeaturePartition | None = None,
         online: OnlineFeatureStore | None = None,
         claim_idle_ms: int = 60_000,
         claim_every_s: float = 30.0,
@@ -114,15 +125,37 @@ class StreamProcessor:
         metrics_every_s: float = 5.0,
         overlap: bool = False,
     ) -> None:
+        covered = (partition,) if partition is not None else PARTITIONS
+        if online is not None and online.partitions != covered:
+            raise ValueError(
+                f"the feature store covers partitions {[p.name for p in online.partitions]}, "
+                f"the processor {[p.name for p in covered]}"
+            )
         self.store = store
-        self.online = online or OnlineFeatureStore(store, state_cache_size=STATE_CACHE_SIZE)
+        self.partition = partition
+        self.group = GROUP if partition is None else partition.group
+        self.online = online or OnlineFeatureStore(
+            store, partitions=covered, state_cache_size=STATE_CACHE_SIZE
+        )
+        stream = store.keys.stream_events()
+        create_group = None
+        if partition is not None:
+            create_group = functools.partial(
+                ensure_partition_group,
+                store.client,
+                stream,
+                self.group,
+                partition_groups=partition_groups(),
+                idle_ms=claim_idle_ms,
+            )
         self.consumer = StreamConsumer(
             store.client,
-            store.keys.stream_events(),
-            GROUP,
+            stream,
+            self.group,
             consumer,
             claim_idle_ms=claim_idle_ms,
             claim_every_s=claim_every_s,
+            create_group=create_group,
         )
         self.metrics = metrics or default_metrics()
         self.metrics_every_s = metrics_every_s
@@ -299,8 +332,8 @@ class StreamProcessor:
             ("invalid", invalid),
         ):
             if n:
-                counter.labels(GROUP, outcome).inc(n)
-        self.metrics.batch_seconds.labels(GROUP).observe(elapsed)
+                counter.labels(self.group, outcome).inc(n)
+        self.metrics.batch_seconds.labels(self.group).observe(elapsed)
         if acked != len(entries):
             # Another consumer claimed and acknowledged some of them meanwhile; effects are still once.
             logger.info(
@@ -320,7 +353,7 @@ class StreamProcessor:
             return
         self._next_metrics_at = now + self.metrics_every_s
         self.metrics.stream_length.labels("events").set(self.consumer.length())
-        self.metrics.consumer_lag_s.labels("events", GROUP).set(self.consumer.lag_s())
+        self.metrics.consumer_lag_s.labels("events", self.group).set(self.consumer.lag_s())
 
 
 def _decode(entry: StreamEntry) -> EventRecord | str:
@@ -360,7 +393,9 @@ class StreamProcessorActor:
 
     Args:
         settings: Redis URL and namespace.
-        consumer: Consumer name in group ``features``; keep it stable across restarts.
+        consumer: Consumer name in the group; keep it stable across restarts.
+        partition: Name of the feature partition it folds (see :mod:`features.partitions`);
+            every partition, in group ``features``, when omitted.
         batch_size: Most entries per batch.
         block_ms: How long one read waits for new entries.
         claim_idle_ms: Idle time after which other consumers' pending entries are taken over.
@@ -374,6 +409,7 @@ class StreamProcessorActor:
         settings: Settings,
         consumer: str = "processor-0",
         *,
+        partition: str | None = None,
         batch_size: int = 500,
         block_ms: int = 1000,
         claim_idle_ms: int = 60_000,
@@ -383,11 +419,20 @@ class StreamProcessorActor:
     ) -> None:
         relax_gc()  # the actor has its process to itself
         self._store = RedisStore.from_settings(settings)
+        share = None if partition is None else partition_named(partition)
         online = OnlineFeatureStore(
-            self._store, params=params or DEFAULT_PARAMS, state_cache_size=state_cache_size
+            self._store,
+            params=params or DEFAULT_PARAMS,
+            partitions=PARTITIONS if share is None else (share,),
+            state_cache_size=state_cache_size,
         )
         self._processor = StreamProcessor(
-            self._store, consumer, online=online, claim_idle_ms=claim_idle_ms, overlap=True
+            self._store,
+            consumer,
+            partition=share,
+            online=online,
+            claim_idle_ms=claim_idle_ms,
+            overlap=True,
         )
         self._loop = ConsumerLoop(
             f"stream-processor[{consumer}]",
@@ -420,6 +465,7 @@ class StreamProcessorActor:
         loop = self._loop.stats()
         return {
             "consumer": self._processor.consumer.consumer,
+            "group": self._processor.group,
             **loop,
             "taken": loop["entries"],
             **asdict(self._processor.stats),
@@ -431,6 +477,7 @@ def start_stream_processor(
     *,
     name: str = ACTOR_NAME,
     consumer: str = "processor-0",
+    partition: str | None = None,
     batch_size: int = 500,
     state_cache_size: int = STATE_CACHE_SIZE,
     **options: Any,
@@ -440,7 +487,8 @@ def start_stream_processor(
     Args:
         settings: Redis URL and namespace.
         name: Actor name.
-        consumer: Consumer name in group ``features``.
+        consumer: Consumer name in the group.
+        partition: Name of the feature partition it folds; all of them when omitted.
         batch_size: Most entries per batch (see :class:`StreamProcessorActor`).
         state_cache_size: Entity states kept in memory after writing them.
         **options: Further ``.options(...)`` for the actor (``lifetime="detached"``, resources).
@@ -449,5 +497,9 @@ def start_stream_processor(
         The actor handle.
     """
     return StreamProcessorActor.options(name=name, get_if_exists=True, **options).remote(  # type: ignore[attr-defined]
-        settings, consumer, batch_size=batch_size, state_cache_size=state_cache_size
+        settings,
+        consumer,
+        partition=partition,
+        batch_size=batch_size,
+        state_cache_size=state_cache_size,
     )

@@ -5,7 +5,9 @@ safe boundary is its oldest pending entry when it has any (that entry and everyt
 must stay), or else its last-delivered id (everything before it was delivered and acknowledged).
 The stream is trimmed with ``XTRIM MINID`` to the smallest boundary over all groups, which keeps
 the boundary entry itself. When a group that should read the stream does not exist yet (its
-consumer never started), nothing is trimmed: it will read from the start when it comes.
+consumer never started), nothing is trimmed: it will read from the start when it comes. On the
+events stream the feature partitions' groups are required, unless the group of a processor
+folding every partition (``features``) is there in their place.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import redis
 
 from features.catalog_changes import CHANGELOG_TABLES
 from features.metrics import StreamMetrics, default_metrics
+from features.partitions import groups as partition_groups
 from features.redis_store import RedisStore
 from features.stream_codec import FEATURES_GROUP, LAKE_GROUP, entry_key
 
@@ -27,7 +30,7 @@ def required_groups(store: RedisStore) -> dict[str, tuple[str, ...]]:
     """Stream key to the consumer groups that must have finished an entry before it is trimmed."""
     keys = store.keys
     return {
-        keys.stream_events(): (FEATURES_GROUP, LAKE_GROUP),
+        keys.stream_events(): (*partition_groups(), LAKE_GROUP),
         keys.stream_impressions(): (LAKE_GROUP,),
         **{keys.stream_catalog(table): (LAKE_GROUP,) for table in CHANGELOG_TABLES},
     }
@@ -52,6 +55,9 @@ def safe_trim_id(store: RedisStore, stream: str, groups: Sequence[str]) -> str |
         return None  # no such stream
     present = {str(info["name"]) for info in infos}
     missing = [g for g in groups if g not in present]
+    if FEATURES_GROUP in present:
+        # One processor folds every partition there: its group stands in for theirs.
+        missing = [g for g in missing if g not in partition_groups()]
     if missing or not infos:
         if missing:
             logger.info("not trimming %s: groups %s do not exist yet", stream, missing)

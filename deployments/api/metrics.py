@@ -34,14 +34,23 @@ from redis.exceptions import RedisError
 
 from deployments.api.auth import services_of
 from features.metrics import StreamMetrics, StreamStatus, read_stream_status, watched_streams
+from features.partitions import PARTITIONS
 
 logger = logging.getLogger(__name__)
 
 STATS_TIMEOUT_S: Final = 2.0
 """Longest a scrape waits for the consumers' report; a slow consumer must not stall the scrape."""
 
-_CONSUMERS: Final = {"stream_processor": "batches", "lake_writer": "files"}
-"""Consumer report key to the total that counts its batches (the lake writer's are files)."""
+_CONSUMERS: Final = {
+    **{f"stream_processor_{p.name}": "batches" for p in PARTITIONS},
+    "stream_processor": "batches",
+    "lake_writer": "files",
+}
+"""Consumer report key to the total that counts its batches (the lake writer's are files).
+
+One processor per feature partition (``stream_processor_users``, ``stream_processor_items``),
+or one for all of them (``stream_processor``), and the lake writer.
+"""
 
 router = APIRouter(tags=["health"])
 
@@ -111,8 +120,8 @@ def consumer_families(report: Mapping[str, Any] | None) -> list[Metric]:
     """Families of the stream consumers' totals; ``report`` is ``None`` when it is unavailable.
 
     Args:
-        report: What ``services.stream_stats`` answered: consumer name (``stream_processor``,
-            ``lake_writer``) to its totals and loop state.
+        report: What ``services.stream_stats`` answered: consumer name (``stream_processor_users``,
+            ``stream_processor_items``, ``lake_writer``) to its totals and loop state.
 
     Returns:
         The families (empty ones, plus ``rayrec_consumer_stats_up 0``, without a report).

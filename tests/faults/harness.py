@@ -165,7 +165,7 @@ def wait_replaced(deployment: str, killed: str, replicas: int, timeout_s: float 
 
 
 def consumer_actor(app: FaultApp, role: str) -> Any:
-    """The ``stream-processor`` or ``lake-writer`` actor the stream workers replica started."""
+    """The ``stream-processor-<partition>`` or ``lake-writer`` actor the stream workers replica started."""
     import ray
 
     # Named after the Redis namespace; looked up across Ray namespaces, as the replica that

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from features.partitions import PARTITIONS
 from tests.faults.conftest import REPLICAS
 from tests.faults.harness import FaultApp, TrafficDriver, consumer_actor, kill_replica, wait_replaced
 
@@ -14,7 +15,8 @@ DEPLOYMENTS = ("ingress", "retrieval", "ranker", "stream_workers")
 
 
 def _consumer_actor_ids(fault_app: FaultApp) -> set[str]:
-    return {consumer_actor(fault_app, role)._actor_id.hex() for role in ("stream-processor", "lake-writer")}
+    roles = [*(f"stream-processor-{p.name}" for p in PARTITIONS), "lake-writer"]
+    return {consumer_actor(fault_app, role)._actor_id.hex() for role in roles}
 
 
 def test_a_killed_replica_of_each_deployment_is_replaced_and_nothing_is_lost(fault_app: FaultApp) -> None:

@@ -1,12 +1,14 @@
-"""Scenario 2: the stream processor and the lake writer are killed in the middle of a burst."""
+"""Scenario 2: the stream processors and the lake writer are killed in the middle of a burst."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from features.partitions import PARTITIONS
 from tests.faults.harness import FaultApp, TrafficDriver, consumer_actor, until
 
 # The first scenario of a run also waits for the shared application (a smoke training run).
@@ -23,33 +25,34 @@ def _stats(actor: Any) -> dict[str, Any]:
     return stats
 
 
+def _past(actor: Any, entries: int) -> Callable[[], bool]:
+    return lambda: bool(_stats(actor)["entries"] >= entries)
+
+
 def test_killed_stream_consumers_lose_nothing_and_count_nothing_twice(fault_app: FaultApp) -> None:
     import ray
 
-    processor = consumer_actor(fault_app, "stream-processor")
+    processors = [consumer_actor(fault_app, f"stream-processor-{p.name}") for p in PARTITIONS]
     writer = consumer_actor(fault_app, "lake-writer")
     with TrafficDriver(fault_app, "consumer-kills") as traffic:
         traffic.wait_calls(5, "events")
-        processed = _stats(processor)["entries"]
+        processed = [_stats(processor)["entries"] for processor in processors]
         burst = threading.Thread(target=traffic.burst, args=(BURST_BATCHES, BURST_SIZE), daemon=True)
         burst.start()
-        # Mid-burst: the processor has folded part of the burst, not all of it.
-        until(
-            lambda: _stats(processor)["entries"] >= processed + 3 * BURST_SIZE,
-            60,
-            "the burst being processed",
-        )
-        ray.kill(processor, no_restart=False)
+        # Mid-burst: each processor has folded part of the burst, not all of it.
+        for processor, before in zip(processors, processed, strict=True):
+            until(_past(processor, before + 3 * BURST_SIZE), 60, "the burst being processed")
+            ray.kill(processor, no_restart=False)
         # The lake writer holds read, unacknowledged entries in its buffer when it dies.
         until(lambda: _stats(writer)["buffered"] > 0, 60, "the lake writer buffering the burst")
         ray.kill(writer, no_restart=False)
         burst.join(timeout=120)
         assert not burst.is_alive(), "the burst did not finish"
         traffic.wait_calls(10)
-        after_processor, after_writer = _stats(processor), _stats(writer)
-    assert after_processor["running"] and after_writer["running"]
+        after_processors, after_writer = [_stats(p) for p in processors], _stats(writer)
+    assert all(stats["running"] for stats in after_processors) and after_writer["running"]
     traffic.finish(
         burst_events=BURST_BATCHES * BURST_SIZE,
-        processor_after_restart=after_processor["entries"],
+        processors_after_restart=[stats["entries"] for stats in after_processors],
         writer_after_restart=after_writer["entries"],
     )

@@ -31,6 +31,7 @@ from deployments.api.services import ApiServices
 from features.lake_writer import LakeWriter
 from features.metrics import StreamMetrics
 from features.online_store import OnlineFeatureStore
+from features.partitions import PARTITIONS
 from features.redis_store import RedisStore
 from features.stream_codec import decode_event
 from features.stream_processor import StreamProcessor
@@ -154,7 +155,10 @@ def _drain(settings: Settings, lake_home: Path) -> None:
     """What the stream workers do, in-process, on fresh connections."""
     store = RedisStore.from_settings(settings)
     try:
-        StreamProcessor(store, "processor-0", metrics=StreamMetrics()).drain()
+        for partition in PARTITIONS:
+            StreamProcessor(
+                store, f"processor-{partition.name}", partition=partition, metrics=StreamMetrics()
+            ).drain()
         LakeWriter(store, Lake(str(lake_home)), "lake-0", metrics=StreamMetrics()).drain()
     finally:
         store.close()
@@ -233,7 +237,9 @@ def test_acknowledged_events_survive_a_redis_crash_and_the_api_recovers(
             item: (record or {}).get("item_engagement:event_count_total")
             for item, record in zip(by_item, records, strict=True)
         } == dict(by_item)
-        markers = store.client.mget([store.keys.processed_event(event_id) for event_id in acked])
+        markers = store.client.mget(
+            [store.keys.processed_event(p.name, event_id) for p in PARTITIONS for event_id in acked]
+        )
         assert all(marker is not None for marker in markers)
         hidden = {
             body["itemId"]

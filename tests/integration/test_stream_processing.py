@@ -29,10 +29,11 @@ from core.schema import (
 )
 from core.settings import Settings
 from core.tables import EVENTS, IMPRESSIONS
-from features.definitions import ITEM_ENGAGEMENT
+from features.definitions import ITEM_ENGAGEMENT, USER_ACTIVITY
 from features.lake_writer import LakeWriter
 from features.metrics import StreamMetrics
 from features.online_store import OnlineFeatureStore
+from features.partitions import ITEMS, PARTITIONS, USERS
 from features.records import EventRecord
 from features.redis_store import RedisStore
 from features.stream_codec import FEATURES_GROUP, LAKE_GROUP, decode_event, encode_event, encode_log_entry
@@ -415,6 +416,98 @@ def test_an_event_repeated_in_the_next_batch_counts_once(store: RedisStore, metr
     assert_exactly_once(store, events)
 
 
+# -- feature partitions: one processor per partition (the deployment's layout) ------------------
+
+
+def test_each_partition_folds_only_its_share_and_together_every_event_once(
+    store: RedisStore, metrics: StreamMetrics
+) -> None:
+    items = put_items(store, 12)
+    events = make_events(900, items, users=20)
+    hide = UserEvent(user_id="user-1", item_id=items[5], event_type=EventType.HIDE)
+    xadd_events(store, [*events, hide])
+    users = StreamProcessor(store, "u-0", partition=USERS, metrics=metrics)
+    assert users.drain(count=200) == 901
+    assert users.online.views == (USER_ACTIVITY,)
+    online = OnlineFeatureStore(store)
+    assert all(r is not None for r in online.get_serving(EntityType.USER, ["user-1", "user-2"]))
+    assert store.client.smembers(store.keys.exclusions("user-1")) == {items[5]}
+    # Nothing of the items partition yet: no item or creator record, no trending.
+    assert online.get_serving(EntityType.ITEM, items) == [None] * len(items)
+    assert online.get_serving(EntityType.CREATOR, ["creator-0"]) == [None]
+    assert online.top_trending(TrendingScope.everywhere(), 10) == []
+
+    item_side = StreamProcessor(store, "i-0", partition=ITEMS, metrics=metrics, overlap=True)
+    assert item_side.drain(count=200) == 901
+    assert (users.stats.applied, item_side.stats.applied) == (901, 901)
+    assert_exactly_once(store, [*events, hide])
+    assert len(online.top_trending(TrendingScope.everywhere(), 10)) == 10
+    for partition in PARTITIONS:
+        assert pending(store, store.keys.stream_events(), partition.group) == 0
+    # A replay of the same events through a store covering both partitions finds them applied.
+    replayed = online.apply_events([EventRecord.from_event(e) for e in events[:100]])
+    assert (replayed.applied, replayed.duplicates) == (0, 100)
+    assert_exactly_once(store, [*events, hide])
+
+
+def test_events_a_replay_applied_are_not_applied_again_by_the_partitions(
+    store: RedisStore, metrics: StreamMetrics
+) -> None:
+    items = put_items(store, 6)
+    events = make_events(300, items, users=10)
+    OnlineFeatureStore(store).apply_events([EventRecord.from_event(e) for e in events[:120]])
+    xadd_events(store, events)
+    for partition in PARTITIONS:
+        processor = StreamProcessor(store, f"p-{partition.name}", partition=partition, metrics=metrics)
+        assert processor.drain(count=100) == 300
+        assert (processor.stats.applied, processor.stats.duplicates) == (180, 120)
+    assert_exactly_once(store, events)
+
+
+def test_partition_groups_take_over_where_the_single_processors_group_stood(
+    store: RedisStore, metrics: StreamMetrics
+) -> None:
+    items = put_items(store, 10)
+    events = make_events(1_000, items, users=30)
+    xadd_events(store, events)
+    stream = store.keys.stream_events()
+    single = StreamProcessor(store, "all-0", metrics=metrics)
+    assert single.drain(count=200, max_batches=2) == 400
+    # Read, applied and never acknowledged: it stops in the middle of a batch.
+    unacked = single.consumer.next_batch(100, 0)
+    single.online.apply_events([EventRecord.from_event(decode_event(e.fields)) for e in unacked])
+    assert pending(store, stream, FEATURES_GROUP) == 100
+
+    users = StreamProcessor(store, "u-0", partition=USERS, claim_idle_ms=500, metrics=metrics)
+    items_side = StreamProcessor(store, "i-0", partition=ITEMS, claim_idle_ms=500, metrics=metrics)
+    # The single processor's consumer was active a moment ago: the partitions wait.
+    assert users.run_once(100, 50) == 0
+    assert {str(g["name"]) for g in store.client.xinfo_groups(stream)} == {FEATURES_GROUP}
+    time.sleep(0.6)
+    # Both start at its oldest pending entry; the events it applied are skipped by their markers.
+    assert users.drain(count=250) == 600
+    assert {str(g["name"]) for g in store.client.xinfo_groups(stream)} == {FEATURES_GROUP, USERS.group}
+    assert items_side.drain(count=250) == 600
+    assert {str(g["name"]) for g in store.client.xinfo_groups(stream)} == {USERS.group, ITEMS.group}
+    assert (users.stats.applied, users.stats.duplicates) == (500, 100)
+    assert (items_side.stats.applied, items_side.stats.duplicates) == (500, 100)
+    assert_exactly_once(store, events)
+
+
+def test_trimming_needs_every_partition_group_or_the_single_one(
+    store: RedisStore, metrics: StreamMetrics
+) -> None:
+    items = put_items(store, 2)
+    xadd_events(store, make_events(50, items, users=2))
+    stream = store.keys.stream_events()
+    store.client.xgroup_create(stream, LAKE_GROUP, id="$")  # as if the lake writer had it all
+    users = StreamProcessor(store, "u-0", partition=USERS, metrics=metrics)
+    assert users.drain() == 50
+    assert trim_acknowledged(store, metrics=metrics) == 0  # the items group does not exist yet
+    assert StreamProcessor(store, "i-0", partition=ITEMS, metrics=metrics).drain() == 50
+    assert trim_acknowledged(store, metrics=metrics) == 49  # up to the last entry, which stays
+
+
 # -- the processor as a Ray actor ------------------------------------------------------------------
 
 
@@ -429,31 +522,43 @@ def test_the_actor_is_killed_mid_burst_and_resumes_exactly_once(
     events = make_events(2_000, items)
     xadd_events(store, events)
     stream = store.keys.stream_events()
-    name = f"processor-{redis_settings.namespace}"
-    actor = StreamProcessorActor.options(name=name).remote(  # type: ignore[attr-defined]
-        redis_settings, "actor-0", batch_size=25, block_ms=100, claim_idle_ms=1_000
-    )
+    # One actor per partition, as the stream workers deployment runs them.
+    actors = {
+        p.group: StreamProcessorActor.options(name=f"processor-{redis_settings.namespace}-{p.name}").remote(  # type: ignore[attr-defined]
+            redis_settings,
+            f"actor-{p.name}",
+            partition=p.name,
+            batch_size=25,
+            block_ms=100,
+            claim_idle_ms=1_000,
+        )
+        for p in PARTITIONS
+    }
     try:
         deadline = time.monotonic() + 60
-        while ray.get(actor.stats.remote())["entries"] < 200:
-            assert time.monotonic() < deadline, "the actor never started processing"
-            time.sleep(0.01)
-        ray.kill(actor, no_restart=False)
+        for actor in actors.values():
+            while ray.get(actor.stats.remote())["entries"] < 200:
+                assert time.monotonic() < deadline, "the actor never started processing"
+                time.sleep(0.01)
+            ray.kill(actor, no_restart=False)
 
-        def finished() -> bool:
-            info = next(g for g in store.client.xinfo_groups(stream) if g["name"] == FEATURES_GROUP)
+        def finished(group: str) -> bool:
+            info = next(g for g in store.client.xinfo_groups(stream) if g["name"] == group)
             return int(info["pending"]) == 0 and int(info["lag"] or 0) == 0
 
-        while not finished():
-            assert time.monotonic() < deadline, "the restarted actor did not drain the stream"
-            time.sleep(0.2)
-        assert ray.get_actor(name) is not None
-        stats = ray.get(actor.stats.remote())
-        assert stats["running"] and stats["errors"] == 0
+        for group in actors:
+            while not finished(group):
+                assert time.monotonic() < deadline, "the restarted actor did not drain the stream"
+                time.sleep(0.2)
+        for actor in actors.values():
+            stats = ray.get(actor.stats.remote())
+            assert stats["running"] and stats["errors"] == 0
         assert_exactly_once(store, events)
-        ray.get(actor.stop.remote())
+        for actor in actors.values():
+            ray.get(actor.stop.remote())
     finally:
-        ray.kill(actor, no_restart=True)
+        for actor in actors.values():
+            ray.kill(actor, no_restart=True)
 
 
 # -- the lake writer -------------------------------------------------------------------------------

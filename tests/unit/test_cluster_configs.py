@@ -113,7 +113,9 @@ def test_user_config_model_exactly_where_reconfigure_exists() -> None:
 
 def test_stream_workers_count_the_actors_they_start() -> None:
     bound = {d.name: d for d in bound_deployments(build_app({}))}
-    assert DEPLOYMENTS["stream_workers"].actor_cpus(bound["stream_workers"]) == pytest.approx(0.5)
+    assert DEPLOYMENTS["stream_workers"].actor_cpus(bound["stream_workers"]) == pytest.approx(
+        3 * 0.15
+    )  # two partitions and the lake writer
     assert DEPLOYMENTS["ingress"].actor_cpus(bound["ingress"]) == 0
 
 
