@@ -1,14 +1,15 @@
 """Event ingestion benchmark: the Serve HTTP app end to end, on loopback only.
 
 Starts a local Ray (2 CPUs) and Serve with ``deployments.app.build_app`` on ``127.0.0.1`` (the
-ingress, the stream processor and the lake writer all run, as deployed), in a Redis namespace of
+ingress, the stream processors and the lake writer all run, as deployed), in a Redis namespace of
 its own with a small catalog, then measures two things and tears everything down:
 
 1. freshness: a steady, open-loop flow of events through ``POST /api/events/batch`` (a fixed send
-   schedule, 10,000 events/s by default), plus probe events (a ``like`` on a never-seen item id,
-   sent through ``POST /api/events``) whose time from ``202`` to the item's serving record
-   appearing in Redis (``OnlineFeatureStore.aget_serving``, polled every 5 ms) is recorded; the
-   consumer lag of each group is sampled from Redis meanwhile;
+   schedule, 10,000 events/s by default), plus probe events (a ``like`` by a never-seen user on a
+   never-seen item, sent through ``POST /api/events``) whose time from ``202`` until both the
+   item's and the user's serving records appear in Redis (``OnlineFeatureStore.aget_serving``,
+   polled every 5 ms) is recorded: the two feature partitions write them independently, and
+   each is reported too; the consumer lag of each group is sampled from Redis meanwhile;
 2. throughput: as many events as several concurrent connections push through the batch route
    in ~20 s, with the request bodies (1,000 events each, every event id distinct) built before
    the clock starts so the client's JSON encoding does not count.
@@ -364,8 +365,11 @@ async def freshness_phase(
     in_flight_max = 0
     in_flight = 0
     probe_statuses: Counter[int] = Counter()
-    outstanding: dict[str, float] = {}
-    freshness: dict[str, float] = {}
+    # Probe number to its send instant; each probe is seen once its item's and its user's records
+    # exist, which the two feature partitions write independently.
+    outstanding: dict[int, float] = {}
+    seen: dict[EntityType, dict[int, float]] = {EntityType.ITEM: {}, EntityType.USER: {}}
+    freshness: dict[int, float] = {}
     stop = asyncio.Event()
     sampler = LagSampler(store)
 
@@ -385,30 +389,39 @@ async def freshness_phase(
             statuses[status] += 1
             accepted += n
 
+        def probe_ids(n: int) -> dict[EntityType, str]:
+            return {EntityType.ITEM: f"probe-{run}-{n}", EntityType.USER: f"prober-{run}-{n}"}
+
         async def probe(n: int) -> None:
-            item_id = f"probe-{run}-{n}"
-            like = {"userId": f"prober-{n % 97}", "itemId": item_id, "eventType": "like"}
+            ids = probe_ids(n)
+            like = {"userId": ids[EntityType.USER], "itemId": ids[EntityType.ITEM], "eventType": "like"}
             try:
                 async with http.post(f"{base}/api/events", json=like) as response:
                     await response.read()
                     probe_statuses[response.status] += 1
                     if response.status == 202:
-                        outstanding[item_id] = time.perf_counter()
+                        outstanding[n] = time.perf_counter()
             except (TimeoutError, aiohttp.ClientError):
                 probe_statuses[0] += 1
 
         async def poll() -> None:
             while not stop.is_set() or outstanding:
-                if outstanding:
-                    ids = list(outstanding)
+                for entity, seen_at in seen.items():
+                    waiting = [n for n in outstanding if n not in seen_at]
+                    if not waiting:
+                        continue
                     try:
-                        records = await online.aget_serving(EntityType.ITEM, ids)
+                        records = await online.aget_serving(entity, [probe_ids(n)[entity] for n in waiting])
                     except StoreUnavailable:
-                        records = [None] * len(ids)  # seen on a later poll, a little late
+                        records = [None] * len(waiting)  # seen on a later poll, a little late
                     now = time.perf_counter()
-                    for item_id, record in zip(ids, records, strict=True):
+                    for n, record in zip(waiting, records, strict=True):
                         if record is not None:
-                            freshness[item_id] = now - outstanding.pop(item_id)
+                            seen_at[n] = now - outstanding[n]
+                for n in list(outstanding):
+                    if all(n in seen_at for seen_at in seen.values()):
+                        outstanding.pop(n)
+                        freshness[n] = max(seen_at[n] for seen_at in seen.values())
                 if stop.is_set() and time.perf_counter() > settle_deadline:
                     break
                 await asyncio.sleep(poll_s)
@@ -477,7 +490,21 @@ async def freshness_phase(
         "freshness_ms": {
             k: (None if v is None or math.isinf(v) else round(v * 1000, 1)) for k, v in pct.items()
         },
-        "freshness_note": "null: the percentile falls on probes never seen within the settle time",
+        "freshness_note": (
+            "a probe is seen once both its item's and its user's records exist; null: the "
+            "percentile falls on probes never seen within the settle time"
+        ),
+        **{
+            f"freshness_{entity.value}_ms": {
+                k: (None if v is None or math.isinf(v) else round(v * 1000, 1))
+                for k, v in percentiles(
+                    list(seen[entity].values()) + [math.inf] * (len(measured) + missing - len(seen[entity])),
+                    50,
+                    99,
+                ).items()
+            }
+            for entity in seen
+        },
         "freshness_max_ms": round(max(measured) * 1000, 1) if measured else None,
         "consumer_lag_features": {g: sampler.summary(g) for g in FEATURE_GROUPS},
         "consumer_lag_features_after_warmup_max_s": round(max(lags_steady), 3) if lags_steady else None,
@@ -566,6 +593,15 @@ def print_table(result: dict[str, Any]) -> None:
             (
                 "freshness p50/p95/p99 ms",
                 " / ".join("never seen" if fr[p] is None else str(fr[p]) for p in ("p50", "p95", "p99")),
+            ),
+            *(
+                (
+                    f"  {entity} record visible p50/p99 ms",
+                    " / ".join(
+                        "never seen" if v is None else str(v) for v in f[f"freshness_{entity}_ms"].values()
+                    ),
+                )
+                for entity in ("item", "user")
             ),
             ("  probes seen / never seen", f"{f['probes_seen']} / {f['probes_never_seen']}"),
             *(

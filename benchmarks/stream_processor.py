@@ -44,6 +44,8 @@ from core.schema import UserEvent
 from core.settings import Settings
 from features.consumer_loop import relax_gc
 from features.metrics import StreamMetrics
+from features.partitions import PARTITIONS
+from features.partitions import partition as partition_named
 from features.redis_store import RedisStore
 from features.stream_codec import encode_event
 from features.stream_processor import GROUP, StreamProcessor
@@ -124,8 +126,15 @@ def fresh(store: RedisStore, workload: Workload, n_events: int) -> None:
     prepare_stream(store, workload, n_events, f"p{uuid.uuid4().hex[:6]}")
 
 
-def timed_drain(store: RedisStore, batch: int, overlap: bool = False) -> dict[str, Any]:
-    processor = StreamProcessor(store, "probe-0", metrics=StreamMetrics(), overlap=overlap)
+def _processor(store: RedisStore, overlap: bool, partition: str | None) -> StreamProcessor:
+    share = None if partition is None else partition_named(partition)
+    return StreamProcessor(store, "probe-0", partition=share, metrics=StreamMetrics(), overlap=overlap)
+
+
+def timed_drain(
+    store: RedisStore, batch: int, overlap: bool = False, partition: str | None = None
+) -> dict[str, Any]:
+    processor = _processor(store, overlap, partition)
     redis_before, commands_before = redis_cpu_s(store.client), command_usec(store.client)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     handled = processor.drain(count=batch)
@@ -153,8 +162,10 @@ def timed_drain(store: RedisStore, batch: int, overlap: bool = False) -> dict[st
     }
 
 
-def profiled_drain(store: RedisStore, batch: int, overlap: bool = False) -> tuple[int, pstats.Stats]:
-    processor = StreamProcessor(store, "probe-0", metrics=StreamMetrics(), overlap=overlap)
+def profiled_drain(
+    store: RedisStore, batch: int, overlap: bool = False, partition: str | None = None
+) -> tuple[int, pstats.Stats]:
+    processor = _processor(store, overlap, partition)
     profiler = cProfile.Profile(time.process_time)
     profiler.enable()
     handled = processor.drain(count=batch)
@@ -211,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="keep Python's default collector thresholds rather than the processor actor's",
     )
+    parser.add_argument(
+        "--partition",
+        choices=[p.name for p in PARTITIONS],
+        help="fold one feature partition, as each processor actor does; all of them when omitted",
+    )
     parser.add_argument("--label", default="", help="free text stored with the result")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/stream_processor.json"))
     args = parser.parse_args(argv)
@@ -227,16 +243,16 @@ def main(argv: list[str] | None = None) -> int:
         "label": args.label,
         "run_at": datetime.now(UTC).isoformat(),
         "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "group": GROUP,
+        "group": GROUP if args.partition is None else partition_named(args.partition).group,
         "load_before": [round(x, 2) for x in os.getloadavg()],
         "gc_threshold": list(gc.get_threshold()),
     }
     try:
         fresh(store, workload, args.events)
-        result["timed"] = timed = timed_drain(store, args.batch, args.overlap)
+        result["timed"] = timed = timed_drain(store, args.batch, args.overlap, args.partition)
         if not args.no_profile:
             fresh(store, workload, args.events)
-            handled, stats = profiled_drain(store, args.batch, args.overlap)
+            handled, stats = profiled_drain(store, args.batch, args.overlap, args.partition)
             result["cpu_us_per_event_by_component"] = split(stats, timed["cpu_s"], handled)
             result["top_functions_own_time"] = top_functions(stats)
     finally:
