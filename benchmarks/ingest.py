@@ -545,6 +545,25 @@ async def consumer_stats(base: str) -> dict[str, Any]:
 # -- driver ------------------------------------------------------------------------------------------
 
 
+def _cpu_clocks(store: RedisStore) -> dict[str, float]:
+    """CPU seconds so far: the whole machine's busy time, Redis' and this process's (the load)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle and iowait
+    info = store.client.info("cpu")
+    return {
+        "machine": (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"),
+        "redis": float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
+        "load_generator": time.process_time(),
+        "wall": time.monotonic(),
+    }
+
+
+def _cpu_shares(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Cores each clock of :func:`_cpu_clocks` used on average between two readings."""
+    wall = after["wall"] - before["wall"]
+    return {f"{k}_cores": round((after[k] - before[k]) / wall, 2) for k in after if k != "wall"}
+
+
 def _consumers_cpu(before: dict[str, float], after: dict[str, float], started: float) -> dict[str, Any]:
     """Each consumer's CPU over a phase: microseconds per entry, and the share of one core it got.
 
@@ -622,6 +641,14 @@ def print_table(result: dict[str, Any]) -> None:
                     f"{c['cpu_us_per_entry']} / {c['core_share']}",
                 )
             )
+        cores = f.get("cpu", {})
+        if cores:
+            rows.append(
+                (
+                    "  cores busy: machine / Redis / load generator",
+                    f"{cores['machine_cores']} / {cores['redis_cores']} / {cores['load_generator_cores']}",
+                )
+            )
     rows.append(("load average before / after", f"{result['load_before']} / {result['load_after']}"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -642,6 +669,7 @@ async def run_phases(
             f"freshness: {args.rate:,.0f} events/s for {args.warmup_s + args.freshness_s:.0f} s", flush=True
         )
         before, started = await consumer_stats(base), time.monotonic()
+        clocks = _cpu_clocks(store)
         out["freshness"] = await freshness_phase(
             base,
             store,
@@ -654,6 +682,7 @@ async def run_phases(
             0.005,
             args.settle_s,
         )
+        out["freshness"]["cpu"] = _cpu_shares(clocks, _cpu_clocks(store))
         out["freshness"]["consumers_cpu"] = _consumers_cpu(before, await consumer_stats(base), started)
         del bodies
     if args.throughput_s > 0:

@@ -32,12 +32,11 @@ from core.tables import EDGES, EVENTS, IMPRESSIONS, ITEMS, USERS, TableSpec
 from features.catalog_changes import decode_change
 from features.consumer_loop import ConsumerLoop, relax_gc
 from features.metrics import StreamMetrics, default_metrics
-from features.records import EventRecord
 from features.redis_store import RedisStore
 from features.stream_codec import (
     LAKE_GROUP,
     EntryDecodeError,
-    decode_event,
+    decode_event_record,
     decode_log_entry,
     impression_rows,
 )
@@ -70,7 +69,7 @@ def batch_file_name(entry_ids: Sequence[str]) -> str:
 
 def event_rows(fields: Any) -> list[dict[str, Any]]:
     """The ``events`` rows of one events-stream entry (always one)."""
-    return [EventRecord.from_event(decode_event(fields)).to_row()]
+    return [decode_event_record(fields).to_row()]
 
 
 def log_entry_rows(fields: Any) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from redis.typing import EncodableT, FieldT
 
 from core.schema import RecommendationLogEntry, UserEvent
+from features.records import EventRecord
 
 ENTRY_FIELD: Final = "e"
 """The one field of every stream entry."""
@@ -90,6 +91,30 @@ def decode_event(fields: Mapping[str, str] | None) -> UserEvent:
         raise EntryDecodeError(
             f"not a valid event: {exc.error_count()} errors; {exc.errors()[0]['msg']}"
         ) from exc
+
+
+def decode_event_record(fields: Mapping[str, str] | None) -> EventRecord:
+    """The fold and lake record of an events-stream entry.
+
+    Entries the intake wrote take the direct path (:meth:`EventRecord.from_event_json`); any
+    other payload is validated with the API's rules, which accept or reject it. The stream
+    processors and the lake writer decode alike, so they agree on every entry.
+
+    Args:
+        fields: The entry's fields as read (``None`` when the entry is gone).
+
+    Returns:
+        The record.
+
+    Raises:
+        EntryDecodeError: The entry is missing, has no ``"e"`` field, or does not validate.
+    """
+    payload = None if fields is None else fields.get(ENTRY_FIELD)
+    if payload is not None:
+        record = EventRecord.from_event_json(payload)
+        if record is not None:
+            return record
+    return EventRecord.from_event(decode_event(fields))
 
 
 def decode_log_entry(fields: Mapping[str, str] | None) -> RecommendationLogEntry:

@@ -43,7 +43,7 @@ from features.partitions import groups as partition_groups
 from features.partitions import partition as partition_named
 from features.records import EventRecord
 from features.redis_store import RedisStore
-from features.stream_codec import ENTRY_FIELD, FEATURES_GROUP, EntryDecodeError, decode_event
+from features.stream_codec import FEATURES_GROUP, EntryDecodeError, decode_event_record
 from features.stream_consumer import StreamConsumer, StreamEntry
 from features.stream_groups import ensure_partition_group
 
@@ -357,18 +357,9 @@ class StreamProcessor:
 
 
 def _decode(entry: StreamEntry) -> EventRecord | str:
-    """The record of an entry, or why it has none.
-
-    Entries the intake wrote take the direct path (:meth:`EventRecord.from_event_json`); any other
-    payload is validated with the API's rules, which accept or reject it.
-    """
-    payload = None if entry.fields is None else entry.fields.get(ENTRY_FIELD)
-    if payload is not None:
-        record = EventRecord.from_event_json(payload)
-        if record is not None:
-            return record
+    """The record of an entry (see :func:`decode_event_record`), or why it has none."""
     try:
-        return EventRecord.from_event(decode_event(entry.fields))
+        return decode_event_record(entry.fields)
     except EntryDecodeError as exc:
         return str(exc)
 

@@ -10,7 +10,7 @@ import pytest
 
 from core.schema import EventContext, EventType, UserEvent, utcnow
 from features.records import EventRecord
-from features.stream_codec import decode_event, encode_event
+from features.stream_codec import EntryDecodeError, decode_event, decode_event_record, encode_event
 
 
 def _events() -> list[UserEvent]:
@@ -91,3 +91,15 @@ def _payload(**changes: Any) -> str:
 )
 def test_payloads_it_does_not_vouch_for_go_to_full_validation(payload: str) -> None:
     assert EventRecord.from_event_json(payload) is None
+
+
+def test_every_consumer_decodes_an_entry_to_the_same_record_either_way() -> None:
+    event = _events()[1]
+    direct = decode_event_record({"e": str(encode_event(event)["e"])})
+    # Another producer's spelling (snake_case names) is not the intake's: full validation.
+    other = decode_event_record({"e": event.model_dump_json()})
+    assert direct == other == EventRecord.from_event(event)
+    assert EventRecord.from_event_json(event.model_dump_json()) is None
+    for broken in ({"e": _payload(eventType="teleport")}, {"x": "1"}, None):
+        with pytest.raises(EntryDecodeError):
+            decode_event_record(broken)
