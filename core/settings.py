@@ -55,6 +55,15 @@ class Settings(BaseModel):
     stream_max_len: Annotated[int, Field(ge=1000)] = 2_000_000
     """Event stream capacity: beyond this many un-trimmed entries the event API answers 503."""
 
+    processed_ttl_s: Annotated[int, Field(ge=60, le=30 * 86_400)] = 3_600
+    """Lifetime of a processed-event marker: an event id seen again within it is not folded again.
+
+    It must exceed the longest time an applied entry can wait to be acknowledged (a processor
+    restarts and rereads its own pending entries at once; a dead one's are claimed after 60 s)
+    and the window in which clients retry an event. Markers cost Redis memory: about 144 bytes
+    each, one per event per feature partition, so ``events/s x 2 x TTL x 144`` bytes (1 GB at
+    1,000 events/s for the default hour)."""
+
     rate_limit_events_per_s: Annotated[float, Field(ge=0, le=1_000_000)] = 0.0
     """Events per second each client may send to the event routes, sustained; 0 disables the limit.
 

@@ -12,7 +12,7 @@ Layout (key names from :class:`features.keys.RedisKeys`):
   (:attr:`OnlineFeatureStore.processed_ttl_s`): the event was applied to that feature partition
   (see :mod:`features.partitions`). Per-id keys rather than one set, because they expire on
   their own while a set grows until someone prunes it; the TTL must exceed any redelivery delay
-  (entries are claimed within minutes; seven days by default).
+  (entries are claimed within minutes; an hour by default, `Settings.processed_ttl_s`).
 - ``{ns}:trending-{global,region,category}:{epoch}[:{value}]`` ZSET (see :mod:`features.trending`).
 - ``{ns}:excluded:{user}`` SET of item ids (hide, not interested, report).
 
@@ -62,7 +62,7 @@ from core.types import FeatureMap, FeatureValue
 from features import trending
 from features.definitions import UPDATED_AT, VIEWS, serving_features
 from features.keys import RedisKeys
-from features.params import DAY_S, DEFAULT_PARAMS, FeatureParams
+from features.params import DEFAULT_PARAMS, FeatureParams
 from features.partitions import PARTITIONS, FeaturePartition
 from features.records import EventRecord, ItemInfo
 from features.redis_store import PendingReply, RedisStore
@@ -71,8 +71,8 @@ from features.trending import TrendingScope
 
 logger = logging.getLogger(__name__)
 
-PROCESSED_TTL_S: Final = int(7 * DAY_S)
-"""Default lifetime of a processed-event marker."""
+PROCESSED_TTL_S: Final = 3_600
+"""Default lifetime of a processed-event marker (``Settings.processed_ttl_s``, which says why)."""
 
 READ_STATES_SCRIPT: Final = """#!lua flags=no-writes
 local out = {}

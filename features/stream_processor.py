@@ -415,6 +415,7 @@ class StreamProcessorActor:
             self._store,
             params=params or DEFAULT_PARAMS,
             partitions=PARTITIONS if share is None else (share,),
+            processed_ttl_s=settings.processed_ttl_s,
             state_cache_size=state_cache_size,
         )
         self._processor = StreamProcessor(

@@ -554,6 +554,9 @@ def test_the_actor_is_killed_mid_burst_and_resumes_exactly_once(
             stats = ray.get(actor.stats.remote())
             assert stats["running"] and stats["errors"] == 0
         assert_exactly_once(store, events)
+        for p in PARTITIONS:
+            ttl = store.client.ttl(store.keys.processed_event(p.name, events[0].event_id))
+            assert 0 < ttl <= redis_settings.processed_ttl_s
         for actor in actors.values():
             ray.get(actor.stop.remote())
     finally:

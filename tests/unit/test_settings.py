@@ -19,6 +19,7 @@ def test_reads_environment_and_overrides() -> None:
         "RAYREC_NAMESPACE": "prod",
         "RAYREC_ADMIN_TOKEN": "s3cret",
         "RAYREC_CLIENT_API_KEYS": "a, b,,c",
+        "RAYREC_PROCESSED_TTL_S": "7200",
         "RAYREC_UNRELATED_KNOB": "ignored",
     }
     settings = Settings.from_env(env, namespace="staging")
@@ -26,6 +27,7 @@ def test_reads_environment_and_overrides() -> None:
     assert settings.namespace == "staging"
     assert settings.admin_token_value() == "s3cret"
     assert settings.client_api_keys == ("a", "b", "c")
+    assert settings.processed_ttl_s == 7200
     assert "s3cret" not in repr(settings)
 
 
@@ -36,6 +38,7 @@ def test_reads_environment_and_overrides() -> None:
         ({"RAYREC_NAMESPACE": "Bad Namespace"}, "RAYREC_NAMESPACE"),
         ({"RAYREC_REDIS_POOL_SIZE": "0"}, "RAYREC_REDIS_POOL_SIZE"),
         ({"RAYREC_HOME": ""}, "RAYREC_HOME"),
+        ({"RAYREC_PROCESSED_TTL_S": "5"}, "RAYREC_PROCESSED_TTL_S"),
     ],
 )
 def test_invalid_values_name_the_variable(env: dict[str, str], name: str) -> None:
