@@ -183,12 +183,13 @@ def serve(state: State, now: datetime, params: FeatureParams) -> dict[str, Featu
     counts: dict[str, int] = state["counts"]
     last_cat = state["last_cat"]
     last_ts = state["last_ts"]
-    # List comprehensions, not generators: this runs for every user of every stream batch.
+    # List comprehensions, not generators, and no conversions of the entries: this runs for every
+    # user of every stream batch, and the folds store ids as str and instants as float already.
     values: dict[str, FeatureValue] = {
-        "recent_item_ids": tuple([str(entry[2]) for entry in recent]),
-        "recent_event_types": tuple([str(entry[3]) for entry in recent]),
-        "recent_event_ts": tuple([float(entry[0]) for entry in recent]),
-        "session_item_ids": tuple([str(entry[2]) for entry in session["items"]]) if live else (),
+        "recent_item_ids": tuple([entry[2] for entry in recent]),
+        "recent_event_types": tuple([entry[3] for entry in recent]),
+        "recent_event_ts": tuple([entry[0] for entry in recent]),
+        "session_item_ids": tuple([entry[2] for entry in session["items"]]) if live else (),
         "session_event_count": int(session["events"]) if live else 0,
         "session_duration_s": float(session["last"] - session["start"]) if live else 0.0,
         "top_categories": tuple([category for _, category in affinities]),
