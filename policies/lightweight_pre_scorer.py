@@ -8,9 +8,14 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.types import Candidate, RequestContext
-from features.candidate_refs import ITEM_CATEGORY, ITEM_CREATED_AT_S, ITEM_LANGUAGE, ITEM_REGION
+from features.candidate_refs import (
+    ITEM_CATEGORY,
+    ITEM_CREATED_AT_S,
+    ITEM_LANGUAGE,
+    ITEM_REGION,
+    SPONSORED_CAMPAIGN_ID,
+)
 from features.user_context import interest_categories, request_language, request_region
-from policies.sponsored_marks import is_sponsored
 
 CTR_REF = "item_engagement:ctr_7d"
 QUALITY_REF = "creator_quality:quality_score"
@@ -90,6 +95,7 @@ class LightweightPreScorer:
         self.name = name
         self.budget_ms = budget_ms
         self.weights = weights or PreScoreWeights()
+        self._log_popularity_cap = math.log1p(self.weights.popularity_cap)
 
     def score_one(
         self,
@@ -102,21 +108,42 @@ class LightweightPreScorer:
         """The pre-score of one candidate (see the class docstring for the terms)."""
         w = self.weights
         f = cand.features
+        # Runs for every candidate of every request: values are read raw and the typed getters
+        # (which raise on a wrong type) are only called when a value is not of the usual type.
+        # The terms are summed in the documented order, so scores do not depend on this path.
+        get = f.get
         score = w.retrieval * min(max(cand.retrieval_score, 0.0), 1.0)
-        score += w.ctr * min(max(f.get_float(CTR_REF, 0.0), 0.0) / w.ctr_cap, 1.0)
-        engagement = sum(max(f.get_int(ref, 0), 0) for ref in _POPULARITY_REFS)
-        score += w.popularity * min(math.log1p(engagement) / math.log1p(w.popularity_cap), 1.0)
-        score += w.category_affinity * affinity.get(f.get_str(ITEM_CATEGORY, ""), 0.0)
-        created = f.get_float(ITEM_CREATED_AT_S, math.nan)
+        ctr = get(CTR_REF)
+        if type(ctr) is not float:
+            ctr = f.get_float(CTR_REF, 0.0)
+        score += w.ctr * min(max(ctr, 0.0) / w.ctr_cap, 1.0)
+        engagement = 0
+        for ref in _POPULARITY_REFS:
+            count = get(ref)
+            if type(count) is not int:
+                count = f.get_int(ref, 0)
+            if count > 0:
+                engagement += count
+        score += w.popularity * min(math.log1p(engagement) / self._log_popularity_cap, 1.0)
+        category = get(ITEM_CATEGORY)
+        if type(category) is not str:
+            category = f.get_str(ITEM_CATEGORY, "")
+        score += w.category_affinity * affinity.get(category, 0.0)
+        created = get(ITEM_CREATED_AT_S)
+        if type(created) is not float:
+            created = f.get_float(ITEM_CREATED_AT_S, math.nan)
         if not math.isnan(created):
             age_h = max(0.0, now_s - created) / 3600.0
             score += w.freshness * math.exp2(-age_h / w.freshness_half_life_h)
-        score += w.creator_quality * min(max(f.get_float(QUALITY_REF, 0.0), -1.0), 1.0)
+        quality = get(QUALITY_REF)
+        if type(quality) is not float:
+            quality = f.get_float(QUALITY_REF, 0.0)
+        score += w.creator_quality * min(max(quality, -1.0), 1.0)
         if region is not None and f.get_str(ITEM_REGION, "") == region:
             score += w.region_match
         if language is not None and f.get_str(ITEM_LANGUAGE, "") == language:
             score += w.language_match
-        if is_sponsored(cand):
+        if SPONSORED_CAMPAIGN_ID in f:
             score += w.sponsored_pin
         return score
 
