@@ -185,9 +185,11 @@ class FeatureMap(Mapping[str, FeatureValue]):
         Returns:
             A new map, or one of the two when the other is empty; neither is changed.
         """
-        if not other:
+        # The dicts' own truth values: ``not other`` would call __len__ in Python, twice per
+        # candidate and stage.
+        if not other._values:
             return self
-        if not self:
+        if not self._values:
             return other
         return FeatureMap._trusted({**self._values, **other._values})
 
