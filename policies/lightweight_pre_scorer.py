@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.types import Candidate, RequestContext
+from core.types import Candidate, FeatureMap, FeatureValue, RequestContext
 from features.candidate_refs import (
     ITEM_CATEGORY,
     ITEM_CREATED_AT_S,
@@ -19,6 +19,13 @@ from features.user_context import interest_categories, request_language, request
 
 CTR_REF = "item_engagement:ctr_7d"
 QUALITY_REF = "creator_quality:quality_score"
+_MEMO_ENTRIES = 50_000
+"""Feature maps whose item terms are remembered; the memo starts afresh beyond that."""
+
+_ItemTerms = tuple[float, float, str, float, float, FeatureValue | None, FeatureValue | None, bool]
+"""ctr term, popularity term, category, creation time, creator-quality term, region and language
+values as stored, sponsored."""
+
 _POPULARITY_REFS = (
     "item_engagement:view_count_7d",
     "item_engagement:click_count_7d",
@@ -96,6 +103,7 @@ class LightweightPreScorer:
         self.budget_ms = budget_ms
         self.weights = weights or PreScoreWeights()
         self._log_popularity_cap = math.log1p(self.weights.popularity_cap)
+        self._memo: dict[int, tuple[FeatureMap, _ItemTerms]] = {}
 
     def score_one(
         self,
@@ -108,15 +116,50 @@ class LightweightPreScorer:
         """The pre-score of one candidate (see the class docstring for the terms)."""
         w = self.weights
         f = cand.features
-        # Runs for every candidate of every request: values are read raw and the typed getters
-        # (which raise on a wrong type) are only called when a value is not of the usual type.
-        # The terms are summed in the documented order, so scores do not depend on this path.
-        get = f.get
+        ctr_term, popularity_term, category, created, quality_term, item_region, item_language, sponsored = (
+            self._item_terms(f)
+        )
+        # The terms are added in the documented order whether they were remembered or not, so
+        # the sum is the same to the last bit.
         score = w.retrieval * min(max(cand.retrieval_score, 0.0), 1.0)
+        score += ctr_term
+        score += popularity_term
+        score += w.category_affinity * affinity.get(category, 0.0)
+        if not math.isnan(created):
+            age_h = max(0.0, now_s - created) / 3600.0
+            score += w.freshness * math.exp2(-age_h / w.freshness_half_life_h)
+        score += quality_term
+        if region is not None:
+            if type(item_region) is not str:
+                item_region = f.get_str(ITEM_REGION, "")
+            if item_region == region:
+                score += w.region_match
+        if language is not None:
+            if type(item_language) is not str:
+                item_language = f.get_str(ITEM_LANGUAGE, "")
+            if item_language == language:
+                score += w.language_match
+        if sponsored:
+            score += w.sponsored_pin
+        return score
+
+    def _item_terms(self, f: FeatureMap) -> _ItemTerms:
+        """What of the pre-score depends on the candidate's features alone, remembered per map.
+
+        Hydration hands an unchanged item the very same feature map on every request, so most
+        candidates' terms are looked up instead of computed.
+        """
+        memo = self._memo.get(id(f))
+        # The map is held by the memo, so its id cannot be another map's while it is there.
+        if memo is not None and memo[0] is f:
+            return memo[1]
+        w = self.weights
+        # Values are read raw; the typed getters (which raise on a wrong type) are only called
+        # when a value is not of the usual type.
+        get = f.get
         ctr = get(CTR_REF)
         if type(ctr) is not float:
             ctr = f.get_float(CTR_REF, 0.0)
-        score += w.ctr * min(max(ctr, 0.0) / w.ctr_cap, 1.0)
         engagement = 0
         for ref in _POPULARITY_REFS:
             count = get(ref)
@@ -124,28 +167,30 @@ class LightweightPreScorer:
                 count = f.get_int(ref, 0)
             if count > 0:
                 engagement += count
-        score += w.popularity * min(math.log1p(engagement) / self._log_popularity_cap, 1.0)
         category = get(ITEM_CATEGORY)
         if type(category) is not str:
             category = f.get_str(ITEM_CATEGORY, "")
-        score += w.category_affinity * affinity.get(category, 0.0)
         created = get(ITEM_CREATED_AT_S)
         if type(created) is not float:
             created = f.get_float(ITEM_CREATED_AT_S, math.nan)
-        if not math.isnan(created):
-            age_h = max(0.0, now_s - created) / 3600.0
-            score += w.freshness * math.exp2(-age_h / w.freshness_half_life_h)
         quality = get(QUALITY_REF)
         if type(quality) is not float:
             quality = f.get_float(QUALITY_REF, 0.0)
-        score += w.creator_quality * min(max(quality, -1.0), 1.0)
-        if region is not None and f.get_str(ITEM_REGION, "") == region:
-            score += w.region_match
-        if language is not None and f.get_str(ITEM_LANGUAGE, "") == language:
-            score += w.language_match
-        if SPONSORED_CAMPAIGN_ID in f:
-            score += w.sponsored_pin
-        return score
+        terms: _ItemTerms = (
+            w.ctr * min(max(ctr, 0.0) / w.ctr_cap, 1.0),
+            w.popularity * min(math.log1p(engagement) / self._log_popularity_cap, 1.0),
+            category,
+            created,
+            w.creator_quality * min(max(quality, -1.0), 1.0),
+            # Region and language are checked (and may raise) only when the request has one.
+            get(ITEM_REGION, ""),
+            get(ITEM_LANGUAGE, ""),
+            SPONSORED_CAMPAIGN_ID in f,
+        )
+        if len(self._memo) >= _MEMO_ENTRIES:
+            self._memo.clear()
+        self._memo[id(f)] = (f, terms)
+        return terms
 
     async def score(self, ctx: RequestContext, cands: list[Candidate]) -> list[Candidate]:
         """Set ``score`` on every candidate.
