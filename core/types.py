@@ -79,6 +79,14 @@ def _normalize(ref: str, value: FeatureInput) -> FeatureValue:
     kind = type(value)
     if kind is float or kind is str or kind is int or kind is bool:
         return cast(FeatureValue, value)
+    if kind is tuple or kind is list:
+        # Embeddings and tag lists arrive here by the hundred per request: checking exact types
+        # first skips the abstract-class checks below, which cost far more per element.
+        items = cast(Sequence[object], value)
+        if all(type(item) is float for item in items):
+            return cast(tuple[float, ...], items if kind is tuple else tuple(items))
+        if all(type(item) is str for item in items):
+            return cast(tuple[str, ...], items if kind is tuple else tuple(items))
     if isinstance(value, bool | str):
         return value
     if isinstance(value, numbers.Integral):
@@ -140,6 +148,12 @@ class FeatureMap(Mapping[str, FeatureValue]):
     def __contains__(self, ref: object) -> bool:
         return ref in self._values
 
+    def get(self, ref: str, default: FeatureValue | None = None) -> FeatureValue | None:  # type: ignore[override]
+        """The value of ``ref``, or ``default`` when absent (no reference check, as ``Mapping.get``)."""
+        # Mapping.get goes through __getitem__ and a KeyError per miss; filters call this for
+        # every candidate.
+        return self._values.get(ref, default)
+
     def __hash__(self) -> int:
         return hash(frozenset(self._values.items()))
 
@@ -171,9 +185,11 @@ class FeatureMap(Mapping[str, FeatureValue]):
         Returns:
             A new map, or one of the two when the other is empty; neither is changed.
         """
-        if not other:
+        # The dicts' own truth values: ``not other`` would call __len__ in Python, twice per
+        # candidate and stage.
+        if not other._values:
             return self
-        if not self:
+        if not self._values:
             return other
         return FeatureMap._trusted({**self._values, **other._values})
 

@@ -147,8 +147,7 @@ def score_batch(model: RankerModel, requests: Sequence[RankRequest]) -> list[Ran
             best = known_positions[np.argsort(-scores[known_positions], kind="stable")[: request.embed_top_n]]
             vectors = builder.item_embeddings[request_rows[best]]
             embeddings = {
-                request.item_ids[p]: tuple(float(x) for x in vector)
-                for p, vector in zip(best, vectors, strict=True)
+                request.item_ids[p]: tuple(vector.tolist()) for p, vector in zip(best, vectors, strict=True)
             }
         replies.append(
             RankReply(

@@ -140,12 +140,15 @@ class ItemFeatureHydrator:
         self._items = _RecordReader(item_refs, memo_entries)
         self._creators = _RecordReader(creator_refs, memo_entries)
         self._memo_entries = memo_entries
-        self._combined: OrderedDict[str, tuple[CatalogEntry | None, FeatureMap, FeatureMap, FeatureMap]] = (
-            OrderedDict()
-        )
+        self._combined: OrderedDict[
+            str, tuple[CatalogEntry | None, FeatureMap, FeatureMap, FeatureMap, FeatureMap]
+        ] = OrderedDict()
         # Key names of hot items, so the key layout is applied once per item, not once per request.
         self._item_key = functools.lru_cache(maxsize=memo_entries)(
             partial(store.keys.features, EntityType.ITEM)
+        )
+        self._creator_key = functools.lru_cache(maxsize=memo_entries)(
+            partial(store.keys.features, EntityType.CREATOR)
         )
 
     async def hydrate(self, ctx: RequestContext, cands: list[Candidate]) -> list[Candidate]:
@@ -167,7 +170,7 @@ class ItemFeatureHydrator:
         creators = list(dict.fromkeys(e.creator_id for e in entries.values()))
         key_list = [self._item_key(i) for i in ids]
         key_list += [keys.item(i) for i in missing]
-        key_list += [keys.features(EntityType.CREATOR, c) for c in creators]
+        key_list += [self._creator_key(c) for c in creators]
         with self._store.guard():
             # The clients decode replies (decode_responses=True), so values are str, never bytes.
             raw = cast(list[str | None], await self._store.aclient.mget(key_list) if key_list else [])
@@ -190,34 +193,51 @@ class ItemFeatureHydrator:
 
         now_s = ctx.now.timestamp()
         creator_maps = {c: self._creators.read(c, text, now_s) for c, text in creator_raw.items()}
-        combined: dict[str, FeatureMap] = {}
+        parts: dict[str, tuple[CatalogEntry | None, FeatureMap, FeatureMap]] = {}
         for item_id, text in zip(ids, item_raw, strict=True):
             entry = entries.get(item_id)
             item_map = self._items.read(item_id, text, now_s)
             creator_map = (
                 EMPTY_FEATURES if entry is None else creator_maps.get(entry.creator_id, EMPTY_FEATURES)
             )
-            combined[item_id] = self._combine(item_id, entry, item_map, creator_map)
+            parts[item_id] = (entry, item_map, creator_map)
         for cand in cands:
             # Values a source or an earlier stage set win: they are about this request.
-            cand.features = combined[cand.item_id].union(cand.features)
+            cand.features = self._combine(cand.item_id, *parts[cand.item_id], cand.features)
         return cands
 
     def _combine(
-        self, item_id: str, entry: CatalogEntry | None, item_map: FeatureMap, creator_map: FeatureMap
+        self,
+        item_id: str,
+        entry: CatalogEntry | None,
+        item_map: FeatureMap,
+        creator_map: FeatureMap,
+        own: FeatureMap,
     ) -> FeatureMap:
-        """Catalog, item and creator features in one map, reused while all three parts are unchanged."""
+        """Catalog, item and creator features under the candidate's own, reused while all four are unchanged.
+
+        A candidate's own features are almost always one of the few shared serving-flag maps, so
+        the merged map of an item is the same object from one request to the next, and no
+        candidate's features are copied.
+        """
         memo = self._combined.get(item_id)
-        # The readers and the cache return the very same objects while nothing changed.
-        if memo is not None and memo[0] is entry and memo[1] is item_map and memo[2] is creator_map:
+        # The readers, the cache and the flag maps return the very same objects while nothing changed.
+        if (
+            memo is not None
+            and memo[0] is entry
+            and memo[1] is item_map
+            and memo[2] is creator_map
+            and memo[3] is own
+        ):
             self._combined.move_to_end(item_id)
-            return memo[3]
+            return memo[4]
         merged = item_map if entry is None else entry.features.union(item_map).union(creator_map)
-        self._combined[item_id] = (entry, item_map, creator_map, merged)
+        final = merged.union(own)
+        self._combined[item_id] = (entry, item_map, creator_map, own, final)
         self._combined.move_to_end(item_id)
         if len(self._combined) > self._memo_entries:
             self._combined.popitem(last=False)
-        return merged
+        return final
 
 
 def _catalog_entries(item_ids: Iterable[str], raw: Sequence[str | None]) -> dict[str, CatalogEntry]:

@@ -82,8 +82,19 @@ class _HiredisPacking:
 
     def pack_command(self, *args: Any) -> list[bytes]:
         """The command in the Redis protocol, as one buffer."""
-        packed: list[bytes] = self._serializer.pack(*args)
-        return packed
+        # The serializer's own first step, then hiredis straight away: the serializer also walks
+        # every argument in Python to turn buffers into bytes, which hiredis needs only for a
+        # bytearray (it refuses one, and the serializer then converts it).
+        first = args[0]
+        if isinstance(first, str):
+            args = (*first.encode().split(), *args[1:])
+        elif b" " in first:
+            args = (*first.split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError:
+            packed: list[bytes] = self._serializer.pack(*args)
+            return packed
 
 
 def _hiredis_packing(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:

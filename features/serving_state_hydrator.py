@@ -87,6 +87,17 @@ class ServingStateHydrator:
             StoreUnavailable: Redis could not be reached.
         """
         state = await self._loader.load(ctx, list(dict.fromkeys(c.item_id for c in cands)))
+        # Almost every candidate is clear of every flag; only those in one of the (small) sets
+        # need their five flags worked out.
+        clear = _flag_map((False, False, False, False, False))
+        flagged = state.removed | state.blocked_items | state.excluded
+        creators = state.blocked_creators | state.user_blocked_creators
+        creator_of = state.creator_of
         for cand in cands:
-            cand.features = cand.features.union(flags_of(state, cand.item_id))
+            item_id = cand.item_id
+            if item_id in flagged or (creators and creator_of.get(item_id) in creators):
+                flags = flags_of(state, item_id)
+            else:
+                flags = clear
+            cand.features = cand.features.union(flags)
         return cands

@@ -84,8 +84,8 @@ class ExplorationPolicy:
         for slot in slots:
             if slot > len(listed):
                 break
-            creators = [creator_of(c) for c in listed]
-            eligible = [c for c in pool if c.item_id not in explored and self._fits(creators, slot, c)]
+            blocked = self._blocked(listed, slot)
+            eligible = [c for c in pool if c.item_id not in explored and creator_of(c) not in blocked]
             if not eligible:
                 continue
             index, probability = self.sampler.choose(rng, eligible)
@@ -100,8 +100,13 @@ class ExplorationPolicy:
         rest = [c for c in pool if c.item_id not in explored]
         return listed + rest + tail + sponsored
 
-    def _fits(self, creators: list[str | None], slot: int, cand: Candidate) -> bool:
+    def _blocked(self, listed: list[Candidate], slot: int) -> set[str]:
+        """The creators whose item at ``slot`` would break the creator cap."""
         if self.creator_cap is None:
-            return True
+            return set()
         max_per_window, window = self.creator_cap
-        return fits_at(creators, slot, creator_of(cand), max_per_window, window)
+        creators = [creator_of(c) for c in listed]
+        # Only a creator already in the windows around the slot can break the cap there, so
+        # those few are checked once per slot instead of every candidate of the pool.
+        near = {k for k in creators[max(0, slot - window + 1) : slot + window - 1] if k is not None}
+        return {k for k in near if not fits_at(creators, slot, k, max_per_window, window)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from core.types import Candidate, FilterResult, RequestContext
 from features.candidate_refs import SERVING_BLOCKED_CREATOR, SERVING_BLOCKED_ITEM
-from policies.serving_flags import flag
+from policies.serving_flags import partition_by_flags
 
 
 class GlobalBlockFilter:
@@ -17,15 +17,10 @@ class GlobalBlockFilter:
     def __init__(self, name: str = "global_block") -> None:
         self.name = name
 
-    def _keep(self, cand: Candidate) -> bool:
-        return not (
-            flag(self.name, cand, SERVING_BLOCKED_ITEM) or flag(self.name, cand, SERVING_BLOCKED_CREATOR)
-        )
-
     def apply(self, ctx: RequestContext, cands: list[Candidate]) -> FilterResult:
         """Keep the candidates neither blocked nor made by a blocked creator.
 
         Raises:
             StageContractError: A candidate carries no block flags.
         """
-        return FilterResult.partition(cands, self._keep)
+        return partition_by_flags(self.name, cands, SERVING_BLOCKED_ITEM, SERVING_BLOCKED_CREATOR)

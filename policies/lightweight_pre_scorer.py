@@ -7,13 +7,25 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.types import Candidate, RequestContext
-from features.candidate_refs import ITEM_CATEGORY, ITEM_CREATED_AT_S, ITEM_LANGUAGE, ITEM_REGION
+from core.types import Candidate, FeatureMap, FeatureValue, RequestContext
+from features.candidate_refs import (
+    ITEM_CATEGORY,
+    ITEM_CREATED_AT_S,
+    ITEM_LANGUAGE,
+    ITEM_REGION,
+    SPONSORED_CAMPAIGN_ID,
+)
 from features.user_context import interest_categories, request_language, request_region
-from policies.sponsored_marks import is_sponsored
 
 CTR_REF = "item_engagement:ctr_7d"
 QUALITY_REF = "creator_quality:quality_score"
+_MEMO_ENTRIES = 50_000
+"""Feature maps whose item terms are remembered; the memo starts afresh beyond that."""
+
+_ItemTerms = tuple[float, float, str, float, float, FeatureValue | None, FeatureValue | None, bool]
+"""ctr term, popularity term, category, creation time, creator-quality term, region and language
+values as stored, sponsored."""
+
 _POPULARITY_REFS = (
     "item_engagement:view_count_7d",
     "item_engagement:click_count_7d",
@@ -90,6 +102,8 @@ class LightweightPreScorer:
         self.name = name
         self.budget_ms = budget_ms
         self.weights = weights or PreScoreWeights()
+        self._log_popularity_cap = math.log1p(self.weights.popularity_cap)
+        self._memo: dict[int, tuple[FeatureMap, _ItemTerms]] = {}
 
     def score_one(
         self,
@@ -102,23 +116,81 @@ class LightweightPreScorer:
         """The pre-score of one candidate (see the class docstring for the terms)."""
         w = self.weights
         f = cand.features
+        ctr_term, popularity_term, category, created, quality_term, item_region, item_language, sponsored = (
+            self._item_terms(f)
+        )
+        # The terms are added in the documented order whether they were remembered or not, so
+        # the sum is the same to the last bit.
         score = w.retrieval * min(max(cand.retrieval_score, 0.0), 1.0)
-        score += w.ctr * min(max(f.get_float(CTR_REF, 0.0), 0.0) / w.ctr_cap, 1.0)
-        engagement = sum(max(f.get_int(ref, 0), 0) for ref in _POPULARITY_REFS)
-        score += w.popularity * min(math.log1p(engagement) / math.log1p(w.popularity_cap), 1.0)
-        score += w.category_affinity * affinity.get(f.get_str(ITEM_CATEGORY, ""), 0.0)
-        created = f.get_float(ITEM_CREATED_AT_S, math.nan)
+        score += ctr_term
+        score += popularity_term
+        score += w.category_affinity * affinity.get(category, 0.0)
         if not math.isnan(created):
             age_h = max(0.0, now_s - created) / 3600.0
             score += w.freshness * math.exp2(-age_h / w.freshness_half_life_h)
-        score += w.creator_quality * min(max(f.get_float(QUALITY_REF, 0.0), -1.0), 1.0)
-        if region is not None and f.get_str(ITEM_REGION, "") == region:
-            score += w.region_match
-        if language is not None and f.get_str(ITEM_LANGUAGE, "") == language:
-            score += w.language_match
-        if is_sponsored(cand):
+        score += quality_term
+        if region is not None:
+            if type(item_region) is not str:
+                item_region = f.get_str(ITEM_REGION, "")
+            if item_region == region:
+                score += w.region_match
+        if language is not None:
+            if type(item_language) is not str:
+                item_language = f.get_str(ITEM_LANGUAGE, "")
+            if item_language == language:
+                score += w.language_match
+        if sponsored:
             score += w.sponsored_pin
         return score
+
+    def _item_terms(self, f: FeatureMap) -> _ItemTerms:
+        """What of the pre-score depends on the candidate's features alone, remembered per map.
+
+        Hydration hands an unchanged item the very same feature map on every request, so most
+        candidates' terms are looked up instead of computed.
+        """
+        memo = self._memo.get(id(f))
+        # The map is held by the memo, so its id cannot be another map's while it is there.
+        if memo is not None and memo[0] is f:
+            return memo[1]
+        w = self.weights
+        # Values are read raw; the typed getters (which raise on a wrong type) are only called
+        # when a value is not of the usual type.
+        get = f.get
+        ctr = get(CTR_REF)
+        if type(ctr) is not float:
+            ctr = f.get_float(CTR_REF, 0.0)
+        engagement = 0
+        for ref in _POPULARITY_REFS:
+            count = get(ref)
+            if type(count) is not int:
+                count = f.get_int(ref, 0)
+            if count > 0:
+                engagement += count
+        category = get(ITEM_CATEGORY)
+        if type(category) is not str:
+            category = f.get_str(ITEM_CATEGORY, "")
+        created = get(ITEM_CREATED_AT_S)
+        if type(created) is not float:
+            created = f.get_float(ITEM_CREATED_AT_S, math.nan)
+        quality = get(QUALITY_REF)
+        if type(quality) is not float:
+            quality = f.get_float(QUALITY_REF, 0.0)
+        terms: _ItemTerms = (
+            w.ctr * min(max(ctr, 0.0) / w.ctr_cap, 1.0),
+            w.popularity * min(math.log1p(engagement) / self._log_popularity_cap, 1.0),
+            category,
+            created,
+            w.creator_quality * min(max(quality, -1.0), 1.0),
+            # Region and language are checked (and may raise) only when the request has one.
+            get(ITEM_REGION, ""),
+            get(ITEM_LANGUAGE, ""),
+            SPONSORED_CAMPAIGN_ID in f,
+        )
+        if len(self._memo) >= _MEMO_ENTRIES:
+            self._memo.clear()
+        self._memo[id(f)] = (f, terms)
+        return terms
 
     async def score(self, ctx: RequestContext, cands: list[Candidate]) -> list[Candidate]:
         """Set ``score`` on every candidate.

@@ -27,7 +27,8 @@ def _unit(vector: tuple[float, ...]) -> NDArray[np.float64] | None:
     if not vector:
         return None
     array = np.asarray(vector, dtype=np.float64)
-    norm = float(np.linalg.norm(array))
+    # What np.linalg.norm computes for a vector, without its argument handling (60 a request).
+    norm = math.sqrt(float(array.dot(array)))
     return array / norm if norm > 0 and math.isfinite(norm) else None
 
 
@@ -35,8 +36,16 @@ class _Similarity:
     """Pairwise similarity of a pool: cosine of embeddings where both have one, else Jaccard."""
 
     def __init__(self, pool: list[Candidate]) -> None:
-        self._keys = [content_keys(c) for c in pool]
+        self._pool = pool
+        self._content_keys: list[frozenset[str]] | None = None
         self._vectors = [_unit(c.features.get_vector(ITEM_EMBEDDING, ())) for c in pool]
+
+    @property
+    def _keys(self) -> list[frozenset[str]]:
+        # Built on first use: a pool whose items all carry embeddings never needs them.
+        if self._content_keys is None:
+            self._content_keys = [content_keys(c) for c in self._pool]
+        return self._content_keys
 
     def __call__(self, i: int, j: int) -> float:
         a, b = self._vectors[i], self._vectors[j]
@@ -59,8 +68,9 @@ class _Similarity:
         for i, vector in enumerate(self._vectors):
             if vector is not None:
                 by_shape.setdefault(vector.shape, []).append(i)
+        vectors = cast(list[NDArray[np.float64]], self._vectors)
         for rows in by_shape.values():
-            block = np.stack([cast(NDArray[np.float64], self._vectors[i]) for i in rows])
+            block = np.stack([vectors[i] for i in rows])
             cells = np.ix_(rows, rows)
             out[cells] = block @ block.T
             covered[cells] = True
@@ -135,15 +145,16 @@ class MmrDiversityPolicy:
         relevance = [(s - low) / span if span > 0 else 1.0 for s in scores]
         similarity = _Similarity(pool).matrix()
         lam = self.diversity_lambda
+        penalty = 1.0 - lam
         weighted = lam * np.asarray(relevance, dtype=np.float64)
         closest = np.zeros(len(pool), dtype=np.float64)
         chosen = np.zeros(len(pool), dtype=bool)
         order: list[int] = []
         for _ in range(len(pool)):
-            value = weighted - (1.0 - lam) * closest
+            value = weighted - penalty * closest
             value[chosen] = -np.inf
             # argmax takes the first of equal values: ties go to the better-ranked candidate.
-            best = int(np.argmax(value))
+            best = int(value.argmax())
             chosen[best] = True
             order.append(best)
             np.maximum(closest, similarity[best], out=closest)

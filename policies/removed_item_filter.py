@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from core.types import Candidate, FilterResult, RequestContext
 from features.candidate_refs import SERVING_REMOVED
-from policies.serving_flags import flag
+from policies.serving_flags import partition_by_flags
 
 
 class RemovedItemFilter:
@@ -23,4 +23,4 @@ class RemovedItemFilter:
         Raises:
             StageContractError: A candidate carries no ``serving:removed`` flag.
         """
-        return FilterResult.partition(cands, lambda c: not flag(self.name, c, SERVING_REMOVED))
+        return partition_by_flags(self.name, cands, SERVING_REMOVED)

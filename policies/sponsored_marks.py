@@ -22,5 +22,6 @@ def split_sponsored(cands: Sequence[Candidate]) -> tuple[list[Candidate], list[C
     organic: list[Candidate] = []
     sponsored: list[Candidate] = []
     for cand in cands:
-        (sponsored if is_sponsored(cand) else organic).append(cand)
+        # is_sponsored, inlined: six policies split the ranked list of every request.
+        (sponsored if SPONSORED_CAMPAIGN_ID in cand.features else organic).append(cand)
     return organic, sponsored

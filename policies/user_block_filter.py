@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from core.types import Candidate, FilterResult, RequestContext
 from features.candidate_refs import SERVING_USER_BLOCKED_CREATOR
-from policies.serving_flags import flag
+from policies.serving_flags import partition_by_flags
 
 
 class UserBlockFilter:
@@ -23,4 +23,4 @@ class UserBlockFilter:
         Raises:
             StageContractError: A candidate carries no ``serving:user_blocked_creator`` flag.
         """
-        return FilterResult.partition(cands, lambda c: not flag(self.name, c, SERVING_USER_BLOCKED_CREATOR))
+        return partition_by_flags(self.name, cands, SERVING_USER_BLOCKED_CREATOR)

@@ -8,7 +8,7 @@ that an insertion keeps the cap.
 from __future__ import annotations
 
 import heapq
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 
 from core.types import Candidate
@@ -47,38 +47,55 @@ def window_capped(
     """
     if max_per_window < 1 or window < 1:
         raise ValueError(f"max_per_window and window must be at least 1, got {max_per_window}, {window}")
-    queues: dict[str, deque[tuple[int, Candidate]]] = {}
-    for rank, cand in enumerate(cands):
-        queues.setdefault(_key(key_of, cand), deque()).append((rank, cand))
-    heads = [(queue[0][0], key) for key, queue in queues.items()]
-    heapq.heapify(heads)
+    keys = [_key(key_of, cand) for cand in cands]
+    # Candidates are read in rank order; one whose key is full at that point waits in its key's
+    # queue. Every waiting candidate ranks above every unread one, so the best candidate that
+    # fits is the best waiting head that fits, else the next unread one that fits: the heap
+    # holds only the heads of keys with someone waiting (usually none), not one per key.
+    waiting: dict[str, deque[int]] = {}
+    heads: list[tuple[int, str]] = []
     recent: deque[str] = deque()
-    counts: Counter[str] = Counter()
+    counts: dict[str, int] = {}
     placed: list[Candidate] = []
-    while heads:
-        blocked: list[tuple[int, str]] = []
-        chosen: str | None = None
-        while heads:
-            rank, key = heapq.heappop(heads)
-            if counts[key] < max_per_window:
-                chosen = key
-                break
-            blocked.append((rank, key))
-        for entry in blocked:
-            heapq.heappush(heads, entry)
-        if chosen is None:
+    unread = 0
+    total = len(cands)
+    while True:
+        chosen = -1
+        if heads:
+            blocked: list[tuple[int, str]] = []
+            while heads:
+                rank, key = heapq.heappop(heads)
+                if counts.get(key, 0) < max_per_window:
+                    queue = waiting[key]
+                    chosen = queue.popleft()
+                    if queue:
+                        heapq.heappush(heads, (queue[0], key))
+                    break
+                blocked.append((rank, key))
+            for entry in blocked:
+                heapq.heappush(heads, entry)
+        while chosen < 0 and unread < total:
+            key = keys[unread]
+            if counts.get(key, 0) < max_per_window:
+                chosen = unread
+            else:
+                queue = waiting.setdefault(key, deque())
+                if not queue:
+                    heapq.heappush(heads, (unread, key))
+                queue.append(unread)
+            unread += 1
+        if chosen < 0:
             break
-        queue = queues[chosen]
-        placed.append(queue.popleft()[1])
-        if queue:
-            heapq.heappush(heads, (queue[0][0], chosen))
+        placed.append(cands[chosen])
         if window > 1:
-            recent.append(chosen)
-            counts[chosen] += 1
+            key = keys[chosen]
+            recent.append(key)
+            counts[key] = counts.get(key, 0) + 1
             if len(recent) > window - 1:
-                counts[recent.popleft()] -= 1
-    left = sorted((entry for queue in queues.values() for entry in queue), key=lambda entry: entry[0])
-    return placed, [cand for _, cand in left]
+                gone = recent.popleft()
+                counts[gone] -= 1
+    left = sorted(rank for queue in waiting.values() for rank in queue)
+    return placed, [cands[rank] for rank in left]
 
 
 def fits_at(

@@ -4,7 +4,7 @@ import asyncio
 import math
 
 from core.stages import Scorer
-from core.types import Candidate
+from core.types import Candidate, FeatureInput
 from features.candidate_refs import ITEM_LANGUAGE, ITEM_REGION, SPONSORED_CAMPAIGN_ID
 from policies.lightweight_pre_scorer import LightweightPreScorer, PreScoreWeights
 from tests.unit.serving_fixtures import cand, ids, make_ctx
@@ -76,3 +76,28 @@ def test_sponsored_candidates_are_pinned_above_the_cut() -> None:
 
 def test_weights_are_strict_config() -> None:
     assert PreScoreWeights.model_config.get("extra") == "forbid"
+
+
+def test_a_scorer_that_saw_a_feature_map_before_scores_it_as_a_fresh_one_does() -> None:
+    shared = LightweightPreScorer()
+    given = [
+        cand(f"i{k}", retrieval_score=k / 10, category=("cooking", "cars", "other")[k % 3], age_h=5 * k)
+        for k in range(12)
+    ]
+    first = asyncio.run(shared.score(make_ctx(user_features=HISTORY), [c.copy() for c in given]))  # type: ignore[arg-type]
+    # Same maps, another request: other affinities, another region; the request's terms must follow.
+    other_affinities: dict[str, FeatureInput] = {
+        "user_activity:top_categories": ["cooking", "cars"],
+        "user_activity:top_category_affinities": [1.0, 4.0],
+    }
+    ctx = make_ctx(region="eu", user_features=other_affinities)
+    again = asyncio.run(shared.score(ctx, [c.copy() for c in given]))
+    fresh = asyncio.run(LightweightPreScorer().score(ctx, [c.copy() for c in given]))
+    assert [c.score for c in again] == [c.score for c in fresh]
+    assert [c.score for c in again] != [c.score for c in first]
+    # A candidate whose map changed is scored from the new map.
+    changed = [c.copy() for c in given]
+    changed[0].features = changed[0].features.with_values({"item_engagement:ctr_7d": 0.2})
+    rescored = asyncio.run(shared.score(ctx, changed))
+    assert rescored[0].score > again[0].score
+    assert [c.score for c in rescored[1:]] == [c.score for c in again[1:]]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import random
 from collections import Counter
 
@@ -192,3 +193,35 @@ def test_mmr_similarity_matrix_agrees_with_the_pairwise_similarity() -> None:
         for j in range(len(given)):
             if i != j:
                 assert matrix[i, j] == pytest.approx(sim(i, j), abs=1e-12), (i, j)
+
+
+def _capped_by_definition(
+    cands: list[Candidate], keys: dict[str, str | None], max_per_window: int, window: int
+) -> tuple[list[str], list[str]]:
+    """window_capped's rule taken literally: at each position the best remaining candidate that fits."""
+    remaining = [c.item_id for c in cands]
+    placed: list[str] = []
+    while remaining:
+        last = placed[max(0, len(placed) - (window - 1)) :] if window > 1 else []
+        recent = [keys[i] or f"\0{i}" for i in last]
+        fitting = [i for i in remaining if recent.count(keys[i] or f"\0{i}") < max_per_window]
+        if not fitting:
+            break
+        placed.append(fitting[0])
+        remaining.remove(fitting[0])
+    return placed, remaining
+
+
+def _key_in(keys: dict[str, str | None], cand: Candidate) -> str | None:
+    return keys[cand.item_id]
+
+
+def test_window_capped_places_the_best_candidate_that_fits_at_every_position() -> None:
+    rng = random.Random(11)
+    for _ in range(500):
+        n, n_keys = rng.randrange(0, 30), rng.randrange(1, 6)
+        given = [cand(f"i{k}", float(-k)) for k in range(n)]
+        keys = {c.item_id: None if rng.random() < 0.1 else f"k{rng.randrange(n_keys)}" for c in given}
+        max_per_window, window = rng.randrange(1, 4), rng.randrange(1, 7)
+        placed, left = window_capped(given, functools.partial(_key_in, keys), max_per_window, window)
+        assert (ids(placed), ids(left)) == _capped_by_definition(given, keys, max_per_window, window)
