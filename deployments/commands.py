@@ -33,7 +33,6 @@ SERVE_ENVIRONMENT: dict[str, str] = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_HAPROXY_NBTHREAD": "1",
-    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
 }
 """Serve's settings for the read path, in every Ray worker (controller, proxy, replicas).
 
@@ -47,10 +46,6 @@ own (direct ingress): one Python process and one pickled hop less per request. M
 to back on the 100k-item benchmark, 50 requests/s went from p50 90 to 72 ms with 807 rather
 than 158 of 1,000 answers made without a fallback, and the saturated throughput from 78 to 108
 requests/s. One HAProxy thread handles far more requests than one node's replicas answer.
-``RAY_SERVE_CONTROL_LOOP_INTERVAL_S`` runs the Serve controller's loop every 0.5 s rather than
-0.1 s: with the app idle on 2 CPUs the controller used 0.043 of a core, 0.016 at 0.5 s, and Ray's
-GCS and raylet 0.053 together, 0.038 (CPU the request and event paths get back); the loop's
-work, reconciling replicas and autoscaling on 10 s and 60 s delays, loses nothing by it.
 Only Ray's workers get these: a driver that calls deployments from synchronous code needs
 Serve's default of routing on a thread of its own.
 """
