@@ -145,8 +145,10 @@ def kill_replica(deployment: str) -> str:
     """
     import ray
 
-    replicas = running_replicas(deployment)
-    assert replicas, f"{deployment} has no running replica"
+    # Right after a config change (a rollback, say) a replica is reconfiguring for a moment.
+    replicas: dict[str, str] = until(
+        lambda: running_replicas(deployment), 60, f"a running replica of {deployment}"
+    )
     actor_id, name = sorted(replicas.items())[0]
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
     return actor_id
