@@ -24,7 +24,10 @@ on it. Then, on a local Ray of 2 CPUs:
 
 Results go to ``benchmarks/results/serving.json``. The load generator runs on the same two cores
 as the server; the JSON records the load average before and after, and figures are comparable
-only between runs at similar load.
+only between runs at similar load. Each load phase also records the CPU every process spent
+(``cpu``: cores busy and milliseconds per request, by role: each deployment, Redis, HAProxy, Ray's
+own processes, the load generator; see :mod:`benchmarks.proc_cpu`), which shows where a request's
+time went when the node is out of cores.
 """
 
 from __future__ import annotations
@@ -43,9 +46,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import numpy as np
 
+from benchmarks import proc_cpu
 from core.settings import Settings
 from features.redis_store import RedisStore
 
@@ -96,16 +101,16 @@ class Run:
     items: list[int] = field(default_factory=list)
     elapsed_s: float = 0.0
 
-    def record(self, latency_ms: float, response: httpx.Response | None, error: str | None) -> None:
+    def record(self, latency_ms: float, status: int | None, body: bytes, error: str | None) -> None:
         self.latencies_ms.append(latency_ms)
-        if response is None:
+        if status is None:
             self.statuses[error or "error"] += 1
             return
-        self.statuses[str(response.status_code)] += 1
-        if response.status_code == 200:
-            body = response.json()
-            self.fallbacks[body.get("fallback") or "none"] += 1
-            self.items.append(len(body.get("items", [])))
+        self.statuses[str(status)] += 1
+        if status == 200:
+            answer = json.loads(body)
+            self.fallbacks[answer.get("fallback") or "none"] += 1
+            self.items.append(len(answer.get("items", [])))
 
     def summary(self) -> dict[str, Any]:
         ok = self.statuses.get("200", 0)
@@ -121,21 +126,38 @@ class Run:
         }
 
 
-async def _one(client: httpx.AsyncClient, user: str, run: Run, started: float) -> None:
-    response: httpx.Response | None = None
+def _session(base_url: str, connections: int, timeout_s: float = 30.0) -> aiohttp.ClientSession:
+    """The load generator's HTTP client.
+
+    aiohttp rather than httpx: the load generator shares the server's two cores, and at 50
+    requests/s httpx cost it 2.7-3.0 ms of CPU per request, aiohttp 1.1 ms (``cpu`` in the
+    results); the server gets the difference back.
+    """
+    return aiohttp.ClientSession(
+        base_url=base_url,
+        timeout=aiohttp.ClientTimeout(total=timeout_s),
+        connector=aiohttp.TCPConnector(limit=connections),
+    )
+
+
+async def _one(client: aiohttp.ClientSession, user: str, run: Run, started: float) -> None:
+    status: int | None = None
+    body = b""
     error: str | None = None
     try:
-        response = await client.get("/api/recommendations", params={"userId": user, "limit": LIMIT})
-    except httpx.HTTPError as exc:
+        async with client.get(
+            "/api/recommendations", params={"userId": user, "limit": str(LIMIT)}
+        ) as response:
+            status, body = response.status, await response.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:
         error = type(exc).__name__
-    run.record((time.perf_counter() - started) * 1000.0, response, error)
+    run.record((time.perf_counter() - started) * 1000.0, status, body, error)
 
 
 async def open_loop(base_url: str, users: list[str], rate: float, duration_s: float) -> Run:
     """Requests at a fixed arrival rate; latency counted from each request's scheduled instant."""
     run = Run()
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
-    async with httpx.AsyncClient(base_url=base_url, timeout=30, limits=limits) as client:
+    async with _session(base_url, 512) as client:
         total = int(rate * duration_s)
         t0 = time.perf_counter()
         tasks = []
@@ -153,8 +175,7 @@ async def open_loop(base_url: str, users: list[str], rate: float, duration_s: fl
 async def closed_loop(base_url: str, users: list[str], concurrency: int, duration_s: float) -> Run:
     """``concurrency`` clients each sending their next request when the last one answers."""
     run = Run()
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base_url, timeout=30, limits=limits) as client:
+    async with _session(base_url, concurrency) as client:
         t0 = time.perf_counter()
         deadline = t0 + duration_s
 
@@ -170,9 +191,12 @@ async def closed_loop(base_url: str, users: list[str], concurrency: int, duratio
 
 
 async def _warm(base_url: str, users: list[str], n: int) -> None:
-    async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+    async with _session(base_url, 4, timeout_s=60.0) as client:
         for k in range(n):
-            await client.get("/api/recommendations", params={"userId": users[k % len(users)], "limit": LIMIT})
+            async with client.get(
+                "/api/recommendations", params={"userId": users[k % len(users)], "limit": str(LIMIT)}
+            ) as response:
+                await response.read()
 
 
 def drive(base_url: str, users: list[str], args: argparse.Namespace, label: str) -> dict[str, Any]:
@@ -180,7 +204,9 @@ def drive(base_url: str, users: list[str], args: argparse.Namespace, label: str)
     asyncio.run(_warm(base_url, users, args.warmup))
     result: dict[str, Any] = {"open_loop": {}}
     for rate in args.rates:
+        before = proc_cpu.snapshot()
         summary = asyncio.run(open_loop(base_url, users, rate, args.duration)).summary()
+        summary["cpu"] = proc_cpu.report(before, proc_cpu.snapshot(), summary["ok"])
         result["open_loop"][str(rate)] = summary
         q = summary["latency_ms"]
         print(
@@ -189,7 +215,10 @@ def drive(base_url: str, users: list[str], args: argparse.Namespace, label: str)
             f"errors {summary['errors']}; fallbacks {summary['fallbacks']}",
             flush=True,
         )
+        _print_cpu(label, summary["cpu"])
+    before = proc_cpu.snapshot()
     summary = asyncio.run(closed_loop(base_url, users, args.concurrency, args.saturate_s)).summary()
+    summary["cpu"] = proc_cpu.report(before, proc_cpu.snapshot(), summary["ok"])
     result["saturated"] = summary
     q = summary["latency_ms"]
     print(
@@ -197,7 +226,19 @@ def drive(base_url: str, users: list[str], args: argparse.Namespace, label: str)
         f"p50 {q['p50']:.1f} p99 {q['p99']:.1f} ms, errors {summary['errors']}",
         flush=True,
     )
+    _print_cpu(label, summary["cpu"])
     return result
+
+
+def _print_cpu(label: str, cpu: dict[str, Any]) -> None:
+    """One line: CPU ms per request by process role, the largest first, and the cores busy."""
+    per_request: dict[str, float] = cpu.get("ms_per_request", {})
+    if not per_request:
+        return
+    shares = ", ".join(f"{k} {v:.1f}" for k, v in per_request.items() if k != "total" and v >= 0.1)
+    cores = cpu["cores"].get("total", 0.0)
+    total = per_request["total"]
+    print(f"[{label}]   CPU per request {total:.1f} ms ({cores:.2f} cores): {shares}", flush=True)
 
 
 def serve_graph(settings: Settings, users: list[str], args: argparse.Namespace) -> dict[str, Any]:
