@@ -11,15 +11,26 @@ candidates are long-tail items whose records did not change since the last reque
 the hash matches and the feature map is reused instead of decoded and validated again (a 64-bit
 hash collision between two versions of one item's record, the only way this could serve stale
 engagement features, is negligible).
+
+With ``record_ttl_s`` (the service sets it from ``ServingOptions.item_record_ttl_s``, 1 s by
+default), a serving record read for one request is used as it is by the requests of the next
+``record_ttl_s`` seconds instead of being read again (seed section 16: cached item features).
+Consecutive requests share most of their candidates (trending, popular and the head of the
+catalog): at 25 requests/s per replica on the 100k-item benchmark world, 65 % of the item records
+a request needs were read by another request less than a second before. Engagement counters then
+lag by at most that long; nothing that decides what may be served (removals, blocks, exclusions)
+is in these records, and it is read on every request by the serving-state stage.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
+import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from functools import partial
 from typing import Any, Final, cast
@@ -120,6 +131,9 @@ class ItemFeatureHydrator:
         name: Stage id.
         budget_ms: Time the hydration may take.
         memo_entries: Serving records remembered with their decoded maps.
+        record_ttl_s: How long a serving record read for one request is reused by the next ones
+            without reading it again; 0 reads every record on every request.
+        clock: Monotonic seconds (injectable for tests).
     """
 
     def __init__(
@@ -132,7 +146,11 @@ class ItemFeatureHydrator:
         name: str = "item_features",
         budget_ms: float = 20.0,
         memo_entries: int = 100_000,
+        record_ttl_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if record_ttl_s < 0:
+            raise ValueError(f"record_ttl_s must be at least 0, not {record_ttl_s}")
         self.name = name
         self.budget_ms = budget_ms
         self._store = store
@@ -150,6 +168,11 @@ class ItemFeatureHydrator:
         self._creator_key = functools.lru_cache(maxsize=memo_entries)(
             partial(store.keys.features, EntityType.CREATOR)
         )
+        self._record_ttl_s = record_ttl_s
+        self._clock = clock
+        # Raw serving records recently read, by key: (monotonic instant they expire, the text).
+        # The same str object is handed to the readers again, so its hash is not computed again.
+        self._recent: dict[str, tuple[float, str | None]] = {}
 
     async def hydrate(self, ctx: RequestContext, cands: list[Candidate]) -> list[Candidate]:
         """Attach the features to every candidate.
@@ -168,15 +191,19 @@ class ItemFeatureHydrator:
         ids = list(dict.fromkeys(c.item_id for c in cands))
         entries, missing = self._cache.get_many(ids)
         creators = list(dict.fromkeys(e.creator_id for e in entries.values()))
-        key_list = [self._item_key(i) for i in ids]
-        key_list += [keys.item(i) for i in missing]
-        key_list += [self._creator_key(c) for c in creators]
+        item_keys = [self._item_key(i) for i in ids]
+        creator_keys = [self._creator_key(c) for c in creators]
+        records = self._recent_records([*item_keys, *creator_keys])
+        to_read = [k for k in (*item_keys, *creator_keys) if k not in records]
+        catalog_keys = [keys.item(i) for i in missing]
         with self._store.guard():
             # The clients decode replies (decode_responses=True), so values are str, never bytes.
+            key_list = to_read + catalog_keys
             raw = cast(list[str | None], await self._store.aclient.mget(key_list) if key_list else [])
-        item_raw = raw[: len(ids)]
-        catalog_raw = raw[len(ids) : len(ids) + len(missing)]
-        creator_raw = dict(zip(creators, raw[len(ids) + len(missing) :], strict=True))
+        records.update(self._remember(to_read, raw[: len(to_read)]))
+        catalog_raw = raw[len(to_read) :]
+        item_raw = [records[k] for k in item_keys]
+        creator_raw = {c: records[k] for c, k in zip(creators, creator_keys, strict=True)}
 
         fresh = _catalog_entries(missing, catalog_raw)
         if fresh:
@@ -186,10 +213,14 @@ class ItemFeatureHydrator:
                 dict.fromkeys(e.creator_id for e in fresh.values() if e.creator_id not in creator_raw)
             )
             if late:
-                with self._store.guard():
-                    late_keys = [keys.features(EntityType.CREATOR, c) for c in late]
-                    late_raw = cast(list[str | None], await self._store.aclient.mget(late_keys))
-                creator_raw.update(zip(late, late_raw, strict=True))
+                late_keys = [self._creator_key(c) for c in late]
+                late_records = self._recent_records(late_keys)
+                unread = [k for k in late_keys if k not in late_records]
+                if unread:
+                    with self._store.guard():
+                        late_raw = cast(list[str | None], await self._store.aclient.mget(unread))
+                    late_records.update(self._remember(unread, late_raw))
+                creator_raw.update((c, late_records[k]) for c, k in zip(late, late_keys, strict=True))
 
         now_s = ctx.now.timestamp()
         creator_maps = {c: self._creators.read(c, text, now_s) for c, text in creator_raw.items()}
@@ -205,6 +236,37 @@ class ItemFeatureHydrator:
             # Values a source or an earlier stage set win: they are about this request.
             cand.features = self._combine(cand.item_id, *parts[cand.item_id], cand.features)
         return cands
+
+    def _recent_records(self, keys: Sequence[str]) -> dict[str, str | None]:
+        """The records of ``keys`` read less than ``record_ttl_s`` ago (see the module docstring)."""
+        if not self._record_ttl_s:
+            return {}
+        now, recent = self._clock(), self._recent
+        out: dict[str, str | None] = {}
+        for key in keys:
+            hit = recent.get(key)
+            if hit is not None and now < hit[0]:
+                out[key] = hit[1]
+        return out
+
+    def _remember(self, keys: Sequence[str], raw: Sequence[str | None]) -> dict[str, str | None]:
+        """Keep records just read for ``record_ttl_s``; returns them by key."""
+        read = dict(zip(keys, raw, strict=True))
+        if not self._record_ttl_s or not read:
+            return read
+        now, recent = self._clock(), self._recent
+        # Kept in order of expiry (each write goes to the end), so what expired is at the front.
+        stale = list(itertools.takewhile(lambda key: recent[key][0] <= now, recent))
+        overflow = len(recent) - len(stale) + len(read) - self._memo_entries
+        if overflow > 0:
+            stale += list(itertools.islice(recent, len(stale), len(stale) + overflow))
+        for key in stale:
+            del recent[key]
+        expires = now + self._record_ttl_s
+        for key, text in read.items():
+            recent.pop(key, None)
+            recent[key] = (expires, text)
+        return read
 
     def _combine(
         self,

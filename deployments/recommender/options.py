@@ -44,6 +44,11 @@ class ServingOptions(BaseModel):
     experiments_refresh_s: Annotated[float, Field(gt=0)] = 1.0
     """How often the experiment configuration is re-read from Redis; a failed read keeps the last one."""
 
+    item_record_ttl_s: Annotated[float, Field(ge=0, le=60)] = 1.0
+    """How long an item or creator serving record read for one request is reused by the replica's
+    next requests (:class:`features.hydration.ItemFeatureHydrator`); engagement features lag by at
+    most this long. 0 reads them on every request."""
+
     last_list_entries: Annotated[int, Field(ge=1)] = 20_000
     """Users whose last list the replica keeps in memory, per surface together."""
 

@@ -302,7 +302,9 @@ class RecommendationService:
         self._state_loader = RequestStateLoader(store, self._cache)
         self._hydrators: dict[str, FeatureHydrator] = {
             "serving_state": ServingStateHydrator(self._state_loader),
-            "item_features": ItemFeatureHydrator(store, self._cache),
+            "item_features": ItemFeatureHydrator(
+                store, self._cache, record_ttl_s=self.options.item_record_ttl_s
+            ),
         }
         self.pipelines: dict[str, SurfacePipeline] = {
             name: build_pipeline(config, self._registry_for(config)) for name, config in self.surfaces.items()

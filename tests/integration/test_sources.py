@@ -385,6 +385,51 @@ def test_hydrators_keep_length_and_order_and_attach_catalog_and_features(world: 
     assert loader_cache.hits >= 5, "the second hydration reads catalog fields from the cache"
 
 
+def test_item_records_are_reused_for_their_ttl_then_read_again(world: World) -> None:
+    store, item = world.store, item_id(5)
+    record_key = store.keys.features(EntityType.ITEM, item)
+    creator_key = store.keys.features(EntityType.CREATOR, creator_of(5))
+    ref, creator_ref = "item_engagement:view_count_7d", "creator_quality:quality_score"
+    clock = [1_000.0]
+    cached = ItemFeatureHydrator(store, CatalogCache(), record_ttl_s=1.0, clock=lambda: clock[0])
+    uncached = ItemFeatureHydrator(store, CatalogCache())
+
+    def rewrite(key: str, **values: Any) -> None:
+        record = json.loads(str(store.client.get(key)))
+        record.update(values)
+        record["updated_at"] = utcnow().isoformat().replace("+00:00", "Z")
+        store.client.set(key, json.dumps(record))
+
+    async def both() -> list[tuple[int, float]]:
+        ctx = await context_for(world, MAIN, request_id="ttl")
+        out = []
+        for hydrator in (cached, uncached):
+            (cand,) = await hydrator.hydrate(ctx, [Candidate(item_id=item)])
+            out.append((cand.features.get_int(ref, -1), cand.features.get_float(creator_ref, -1.0)))
+        return out
+
+    async def body() -> list[list[tuple[int, float]]]:
+        seen = [await both()]
+        rewrite(record_key, **{ref: 12_345})
+        rewrite(creator_key, **{creator_ref: 0.125})
+        clock[0] += 0.9
+        seen.append(await both())
+        clock[0] += 0.2
+        seen.append(await both())
+        return seen
+
+    first, within, after = run_async(store, body)
+    assert first[0] == first[1] and first[0][0] not in (-1, 12_345)
+    assert within[0] == first[0], "within the TTL the record read before is used"
+    assert within[1] == (12_345, 0.125), "without a TTL every request reads the record"
+    assert after[0] == (12_345, 0.125), "after the TTL the record is read again"
+
+
+def test_a_negative_record_ttl_is_refused(store: RedisStore) -> None:
+    with pytest.raises(ValueError, match="record_ttl_s"):
+        ItemFeatureHydrator(store, CatalogCache(), record_ttl_s=-1.0)
+
+
 # --- freshness of removals, blocks and feedback -----------------------------------------------
 
 
