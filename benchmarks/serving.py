@@ -42,6 +42,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,8 +200,19 @@ async def _warm(base_url: str, users: list[str], n: int) -> None:
                 await response.read()
 
 
-def drive(base_url: str, users: list[str], args: argparse.Namespace, label: str) -> dict[str, Any]:
-    """Warm up, run every open-loop rate, then saturate."""
+def drive(
+    base_url: str,
+    users: list[str],
+    args: argparse.Namespace,
+    label: str,
+    stages: Callable[[], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Warm up, run every open-loop rate, then saturate.
+
+    ``stages``, when given, reads the server's per-stage medians; it is called after each open-loop
+    rate, so each rate's stages are its own (the window of recent samples a replica keeps,
+    ``deployments.recommender.metrics.WINDOW``, holds about one phase).
+    """
     asyncio.run(_warm(base_url, users, args.warmup))
     result: dict[str, Any] = {"open_loop": {}}
     for rate in args.rates:
@@ -216,6 +228,8 @@ def drive(base_url: str, users: list[str], args: argparse.Namespace, label: str)
             flush=True,
         )
         _print_cpu(label, summary["cpu"])
+        if stages is not None:
+            summary["ingress_medians_ms"] = stages()
     before = proc_cpu.snapshot()
     summary = asyncio.run(closed_loop(base_url, users, args.concurrency, args.saturate_s)).summary()
     summary["cpu"] = proc_cpu.report(before, proc_cpu.snapshot(), summary["ok"])
@@ -250,7 +264,13 @@ def serve_graph(settings: Settings, users: list[str], args: argparse.Namespace) 
 
     connect_ray(2)
     port = _free_port()
-    base = {"home": settings.home, "namespace": settings.namespace, "redis_url": settings.redis_url}
+    base: dict[str, Any] = {
+        "home": settings.home,
+        "namespace": settings.namespace,
+        "redis_url": settings.redis_url,
+    }
+    if args.serving:
+        base["serving"] = args.serving
     deploy(serve_config(APP, base, host="127.0.0.1", port=port, env_vars={"RAYREC_ADMIN_TOKEN": TOKEN}))
     try:
         handle = serve.get_deployment_handle("retrieval", APP)
@@ -262,26 +282,34 @@ def serve_graph(settings: Settings, users: list[str], args: argparse.Namespace) 
             handle.ping.remote().result()
             hops.append((time.perf_counter() - started) * 1000)
         base_url = f"http://127.0.0.1:{port}"
-        result = drive(base_url, users, args, "serve")
-        status: dict[str, Any] = httpx.get(
-            f"{base_url}/api/admin/serving", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30
-        ).json()
+
+        def status() -> dict[str, Any]:
+            reply: dict[str, Any] = httpx.get(
+                f"{base_url}/api/admin/serving", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30
+            ).json()
+            return reply
+
+        result = drive(base_url, users, args, "serve", stages=lambda: status()["latencyMs"])
+        final = status()
     finally:
         serve.delete(APP)
     result["hop_ms_driver_to_replica"] = _quantiles(hops)
-    result["ingress_medians_ms"] = status["latencyMs"]
-    result["models"] = status["models"]
+    result["ingress_medians_ms"] = final["latencyMs"]
+    result["models"] = final["models"]
     return result
 
 
-def in_process(settings: Settings, users: list[str], n: int) -> dict[str, Any]:
+def in_process(
+    settings: Settings, users: list[str], n: int, serving: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Phase 3: the service called in this process, one request at a time."""
     from benchmarks.serving_peer import local_service, warm
+    from deployments.recommender.options import ServingOptions
     from deployments.recommender.service import RecommendationQuery
 
     async def run() -> list[float]:
         store = RedisStore.from_settings(settings)
-        service = local_service(settings, store)
+        service = local_service(settings, store, ServingOptions.model_validate(serving or {}))
         await warm(service)
         walls = []
         for k in range(n + 30):
@@ -379,6 +407,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--in-process-requests", type=int, default=300)
     parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument(
+        "--serving",
+        type=json.loads,
+        default=None,
+        help="ServingOptions of the Serve graph and in-process, as JSON, e.g. '{\"item_record_ttl_s\": 0}'",
+    )
     args = parser.parse_args()
 
     settings = Settings.from_env(None, home=args.home, namespace=args.namespace)
@@ -392,9 +426,10 @@ def main() -> None:
         "limit": LIMIT,
         "rates": args.rates,
         "duration_s": args.duration,
+        "serving_options": args.serving or {},
     }
     result["serve"] = serve_graph(settings, users, args)
-    result["in_process"] = in_process(settings, users, args.in_process_requests)
+    result["in_process"] = in_process(settings, users, args.in_process_requests, args.serving)
     if not args.skip_peer:
         result["asgi_peer"] = peer(settings, users, args)
     result["load_average_before"] = load_before
@@ -411,7 +446,8 @@ def main() -> None:
     RESULTS.write_text(json.dumps(result, indent=2))
     hop = result["serve"]["hop_ms_driver_to_replica"]["p50"]
     print(f"hop (empty call, driver -> replica): p50 {hop:.2f} ms")
-    for series, values in result["serve"]["ingress_medians_ms"].items():
+    print(f"ingress stages at {low}/s (one replica's recent window):")
+    for series, values in result["serve"]["open_loop"][low].get("ingress_medians_ms", {}).items():
         print(f"  {series:<32} p50 {values['p50']:7.2f} ms  p90 {values['p90']:7.2f} ms")
     print(
         f"framework overhead (Serve HTTP p50 at {low}/s over in-process p50): "

@@ -72,13 +72,18 @@ class LocalGateway:
         return {"retrieval": {"version": version}, "ranker": {"version": version}}
 
 
-def local_service(settings: Settings, store: RedisStore) -> RecommendationService:
-    """The read path with its models in this process."""
+def local_service(
+    settings: Settings, store: RedisStore, options: ServingOptions | None = None
+) -> RecommendationService:
+    """The read path with its models in this process (``options``: the defaults when omitted)."""
     import torch
 
     torch.set_num_threads(1)
     return RecommendationService(
-        store, LocalGateway.load(settings, store), ServingOptions(), stream_max_len=settings.stream_max_len
+        store,
+        LocalGateway.load(settings, store),
+        options or ServingOptions(),
+        stream_max_len=settings.stream_max_len,
     )
 
 
