@@ -113,9 +113,10 @@ def score_batch(model: RankerModel, requests: Sequence[RankRequest]) -> list[Ran
             users[owner],
             histories[owner],
             rows,
-            np.array([vocab.surface.index(requests[n].surface) for n in owner], dtype=np.int64),
-            np.array([vocab.device.index(requests[n].device) for n in owner], dtype=np.int64),
-            np.array([requests[n].hour + 1 for n in owner], dtype=np.int64),
+            # Looked up once per request, then spread to its candidates.
+            np.array([vocab.surface.index(r.surface) for r in requests], dtype=np.int64)[owner],
+            np.array([vocab.device.index(r.device) for r in requests], dtype=np.int64)[owner],
+            np.array([r.hour + 1 for r in requests], dtype=np.int64)[owner],
             cf_score,
             cf_rank,
             interests[owner],

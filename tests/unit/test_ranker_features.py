@@ -49,3 +49,46 @@ def test_a_column_constant_in_training_does_not_move_the_scores() -> None:
         batch["dense"][:, 0] += 3.0
         moved = model(batch)
     assert not torch.allclose(moved["click"], after["click"])
+
+
+def _shared_tags_by_hand(
+    tags: np.ndarray, history: np.ndarray, present: np.ndarray, candidates: np.ndarray
+) -> np.ndarray:
+    out = np.zeros(history.shape, dtype=bool)
+    for b, candidate in enumerate(candidates):
+        wanted = {int(t) for t in tags[candidate] if t != 0}
+        for h, row in enumerate(history[b]):
+            out[b, h] = bool(present[b, h]) and bool(wanted & {int(t) for t in tags[max(row, 0)] if t != 0})
+    return out
+
+
+def test_shared_tags_by_bit_set_equal_the_pairwise_comparison() -> None:
+    from types import SimpleNamespace
+
+    from training.ranker import MAX_TAG_WORDS, RankerFeatureBuilder, tag_bitsets
+
+    rng = np.random.default_rng(11)
+    for vocabulary in (5, 64, 65, 300, 64 * MAX_TAG_WORDS + 1):
+        tags = rng.integers(0, vocabulary, size=(40, 6))
+        tags[rng.random(tags.shape) < 0.4] = 0  # padding
+        tags[0, 0] = vocabulary - 1  # the largest index decides how many words a set takes
+        history = rng.integers(-1, 40, size=(70, 9))
+        present = (history >= 0) & (rng.random(history.shape) < 0.9)
+        candidates = rng.integers(0, 40, size=70)
+        bits = tag_bitsets(tags)
+        assert (bits is None) == (vocabulary > 64 * MAX_TAG_WORDS)
+        expected = _shared_tags_by_hand(tags, history, present, candidates)
+        for table in (bits, None):
+            builder = SimpleNamespace(_tag_bits=table, items=SimpleNamespace(tags=tags))
+            got = RankerFeatureBuilder._shares_a_tag(builder, history, present, candidates)  # type: ignore[arg-type]
+            assert got.tolist() == expected.tolist(), (vocabulary, table is None)
+
+
+def test_a_tag_bit_set_holds_exactly_the_items_tags() -> None:
+    from training.ranker import tag_bitsets
+
+    bits = tag_bitsets(np.array([[1, 63, 0], [64, 0, 0], [0, 0, 0]]))
+    assert bits is not None and bits.shape == (3, 2)
+    assert bits[0].tolist() == [(1 << 1) | (1 << 63), 0]
+    assert bits[1].tolist() == [0, 1]
+    assert bits[2].tolist() == [0, 0]
