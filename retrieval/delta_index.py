@@ -48,6 +48,11 @@ class _CombinedIds(Sequence[str]):
     def __len__(self) -> int:
         return len(self._base) + self._count
 
+    def take(self, positions: Sequence[int]) -> list[str]:
+        """The ids at some valid positions, without a method call per position."""
+        base, delta, base_size = self._base, self._delta, len(self._base)
+        return [base[p] if p < base_size else delta[p - base_size] for p in positions]
+
     @overload
     def __getitem__(self, index: int) -> str: ...
 

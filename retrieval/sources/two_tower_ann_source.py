@@ -65,12 +65,13 @@ class IndexEmbeddingRetriever:
     def retrieve(self, query: NDArray[np.float32], k: int) -> list[tuple[str, float]]:
         """Search one query (see :class:`EmbeddingRetriever`)."""
         positions, scores = self._index.search(np.asarray(query, dtype=np.float32)[np.newaxis, :], k)
+        # Filtered as arrays and looked up in one pass: per-element numpy calls were most of this.
+        keep = (positions[0] >= 0) & np.isfinite(scores[0])
+        kept: list[int] = positions[0][keep].tolist()
         ids = self._index.ids
-        return [
-            (ids[int(p)], float(s))
-            for p, s in zip(positions[0].tolist(), scores[0].tolist(), strict=True)
-            if p >= 0 and np.isfinite(s)
-        ]
+        take = getattr(ids, "take", None)
+        names: list[str] = take(kept) if take is not None else [ids[p] for p in kept]
+        return list(zip(names, scores[0][keep].tolist(), strict=True))
 
 
 class TwoTowerAnnSource:

@@ -325,6 +325,17 @@ def test_delta_merges_by_score_and_replaces_updated_vectors() -> None:
     assert delta.item_ids(delta.search(query, k=5)[0]) == [["b", "c", "a", "d"]]
 
 
+def test_the_ann_retriever_names_base_and_delta_items_alike() -> None:
+    from retrieval.sources.two_tower_ann_source import IndexEmbeddingRetriever
+
+    base = ExactIndex(np.eye(3, dtype=np.float32) * [3, 2, 1], ["a", "b", "c"])
+    delta = DeltaIndex(base)
+    delta.add_items(["d"], np.array([[2.5, 0, 0]], dtype=np.float32))
+    found = IndexEmbeddingRetriever(delta).retrieve(np.ones(3, dtype=np.float32), 6)
+    assert found == [("a", 3.0), ("d", 2.5), ("b", 2.0), ("c", 1.0)]
+    assert delta.ids.take([3, 0]) == ["d", "a"]  # type: ignore[attr-defined]
+
+
 def test_delta_exclude_allowed_and_growth() -> None:
     base = ExactIndex(np.eye(2, dtype=np.float32), ["a", "b"])
     delta = DeltaIndex(base, max_items=3000)
