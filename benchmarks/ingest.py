@@ -572,7 +572,7 @@ def _consumers_cpu(before: dict[str, float], after: dict[str, float], started: f
     """
     elapsed = time.monotonic() - started
     out: dict[str, Any] = {}
-    for consumer in (*(f"stream_processor_{p.name}" for p in PARTITIONS), "lake_writer"):
+    for consumer in (*(p.report_name for p in PARTITIONS), "lake_writer"):
         cpu_key = f'rayrec_consumer_cpu_seconds_total{{consumer="{consumer}"}}'
         entries_key = f'rayrec_consumer_entries_total{{consumer="{consumer}"}}'
         if cpu_key not in after or entries_key not in after:

@@ -34,8 +34,8 @@ _HEALTH_TIMEOUT_S = 20.0
 class StreamWorkers:
     """Owns the feature partitions' consumers (online features) and the ``lake`` consumer (Parquet).
 
-    Their reports are named ``stream_processor_<partition>`` and ``lake_writer``
-    (:func:`consumer_name`).
+    Their reports are named ``stream_processor_<partition>``
+    (:attr:`~features.partitions.FeaturePartition.report_name`) and ``lake_writer``.
 
     Args:
         settings_overrides: Values that win over the replica's ``RAYREC_*`` environment.
@@ -59,7 +59,7 @@ class StreamWorkers:
         namespace = settings.namespace
         # Names carry the namespace so several deployments (or test runs) can share one cluster.
         self._actors = {
-            consumer_name(p.name): start_stream_processor(
+            p.report_name: start_stream_processor(
                 settings,
                 name=f"{namespace}-stream-processor-{p.name}",
                 consumer=f"processor-{p.name}-0",
@@ -82,8 +82,3 @@ class StreamWorkers:
     async def check_health(self) -> None:
         """Serve marks the replica unhealthy (and replaces it) when an actor stops answering."""
         await asyncio.wait_for(self.stats(), timeout=_HEALTH_TIMEOUT_S)
-
-
-def consumer_name(partition: str) -> str:
-    """The report name of a partition's stream processor."""
-    return f"stream_processor_{partition}"

@@ -193,8 +193,9 @@ class ItemFeatureHydrator:
         creators = list(dict.fromkeys(e.creator_id for e in entries.values()))
         item_keys = [self._item_key(i) for i in ids]
         creator_keys = [self._creator_key(c) for c in creators]
-        records = self._recent_records([*item_keys, *creator_keys])
-        to_read = [k for k in (*item_keys, *creator_keys) if k not in records]
+        wanted = item_keys + creator_keys
+        records = self._recent_records(wanted)
+        to_read = [k for k in wanted if k not in records]
         catalog_keys = [keys.item(i) for i in missing]
         with self._store.guard():
             # The clients decode replies (decode_responses=True), so values are str, never bytes.

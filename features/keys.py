@@ -139,7 +139,7 @@ class RedisKeys:
         than any redelivery delay, so the markers expire instead of growing without bound as a
         single set would.
         """
-        return f"{self._p}processed:{_entity('partition', partition)}:{_entity('event', event_id)}"
+        return self.processed_prefix(partition) + _entity("event", event_id)
 
     def processed_prefix(self, partition: str) -> str:
         """What :meth:`processed_event` puts before an event id (markers of a whole batch)."""

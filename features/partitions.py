@@ -22,12 +22,11 @@ reads, and of replays, which write all markers at once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from core.schema import EntityType
-from features.spec import FeatureView
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +50,10 @@ class FeaturePartition:
         """Its consumer group on the events stream."""
         return f"features-{self.name}"
 
-    def views(self, views: Iterable[FeatureView]) -> tuple[FeatureView, ...]:
-        """The views among ``views`` that it folds."""
-        return tuple(v for v in views if v.entity in self.entities)
+    @property
+    def report_name(self) -> str:
+        """The name its processor's totals go by in the stream workers' report and in metrics."""
+        return f"stream_processor_{self.name}"
 
 
 USERS: Final = FeaturePartition("users", frozenset({EntityType.USER}), trending=False, exclusions=True)

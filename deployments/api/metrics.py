@@ -42,7 +42,7 @@ STATS_TIMEOUT_S: Final = 2.0
 """Longest a scrape waits for the consumers' report; a slow consumer must not stall the scrape."""
 
 _CONSUMERS: Final = {
-    **{f"stream_processor_{p.name}": "batches" for p in PARTITIONS},
+    **{p.report_name: "batches" for p in PARTITIONS},
     "stream_processor": "batches",
     "lake_writer": "files",
 }

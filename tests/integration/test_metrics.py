@@ -125,7 +125,7 @@ def serve_url(
 
 
 def test_serve_scrape_reports_the_stream_workers(serve_url: str, store: RedisStore) -> None:
-    processors = [f"stream_processor_{p.name}" for p in PARTITIONS]
+    processors = [p.report_name for p in PARTITIONS]
     with httpx.Client(base_url=serve_url, timeout=30) as client:
         before = scrape(client.get("/metrics").text)
         assert (
