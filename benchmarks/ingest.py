@@ -50,7 +50,7 @@ import aiohttp
 import numpy as np
 from redis.exceptions import RedisError
 
-from benchmarks import http_ready
+from benchmarks import http_ready, proc_cpu
 from core.schema import EntityType
 from core.settings import Settings
 from features.metrics import read_stream_status, watched_streams
@@ -564,6 +564,23 @@ def _cpu_shares(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     return {f"{k}_cores": round((after[k] - before[k]) / wall, 2) for k in after if k != "wall"}
 
 
+def _cpu_by_role(before: proc_cpu.Reading, after: proc_cpu.Reading, events: int) -> dict[str, Any]:
+    """Cores each process role kept busy, and its CPU microseconds per event accepted.
+
+    Per event rather than per request (:func:`benchmarks.proc_cpu.report`): a request of the
+    steady flow carries many events.
+    """
+    used = proc_cpu.per_role(before, after)
+    wall = after.at_s - before.at_s
+    if not used or wall <= 0:
+        return {}
+    used["total"] = sum(used.values())
+    return {
+        "cores": {k: round(v / wall, 3) for k, v in used.items()},
+        "us_per_event": {k: round(v * 1e6 / events, 1) if events else None for k, v in used.items()},
+    }
+
+
 def _consumers_cpu(before: dict[str, float], after: dict[str, float], started: float) -> dict[str, Any]:
     """Each consumer's CPU over a phase: microseconds per entry, and the share of one core it got.
 
@@ -649,6 +666,16 @@ def print_table(result: dict[str, Any]) -> None:
                     f"{cores['machine_cores']} / {cores['redis_cores']} / {cores['load_generator_cores']}",
                 )
             )
+        by_role = f.get("cpu_by_role", {})
+        if by_role.get("cores"):
+            rows.append(
+                (
+                    "  cores / CPU us per event, by process",
+                    ", ".join(
+                        f"{k} {v} / {by_role['us_per_event'].get(k)}" for k, v in by_role["cores"].items()
+                    ),
+                )
+            )
     rows.append(("load average before / after", f"{result['load_before']} / {result['load_after']}"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -669,7 +696,7 @@ async def run_phases(
             f"freshness: {args.rate:,.0f} events/s for {args.warmup_s + args.freshness_s:.0f} s", flush=True
         )
         before, started = await consumer_stats(base), time.monotonic()
-        clocks = _cpu_clocks(store)
+        clocks, processes = _cpu_clocks(store), proc_cpu.snapshot()
         out["freshness"] = await freshness_phase(
             base,
             store,
@@ -683,6 +710,9 @@ async def run_phases(
             args.settle_s,
         )
         out["freshness"]["cpu"] = _cpu_shares(clocks, _cpu_clocks(store))
+        out["freshness"]["cpu_by_role"] = _cpu_by_role(
+            processes, proc_cpu.snapshot(), out["freshness"]["events_accepted"]
+        )
         out["freshness"]["consumers_cpu"] = _consumers_cpu(before, await consumer_stats(base), started)
         del bodies
     if args.throughput_s > 0:

@@ -797,22 +797,37 @@ class OnlineFeatureStore:
 
     def _catalog(self, events: Sequence[EventRecord]) -> tuple[dict[str, ItemInfo], set[str]]:
         """Catalog info of the events' items, and which of their users opted out of personalisation."""
+        with self.store.guard():
+            pipe = self.store.client.pipeline(transaction=False)
+            decode = self._queue_catalog(pipe, events)
+            replies = pipe.execute()
+        return decode(replies)
+
+    def _queue_catalog(
+        self, pipe: Any, events: Sequence[EventRecord]
+    ) -> Callable[[Sequence[Any]], tuple[dict[str, ItemInfo], set[str]]]:
+        """Queue the reads of :meth:`_catalog` on a pipeline; the returned function decodes its replies.
+
+        The reads take the first one or two replies of the pipeline.
+        """
         keys = self.keys
         item_ids = sorted({e.item_id for e in events})
         user_ids = sorted({e.user_id for e in events}) if self._reads_opt_outs else []
-        with self.store.guard():
-            pipe = self.store.client.pipeline(transaction=False)
-            pipe.mget([keys.item(i) for i in item_ids])
-            if user_ids:
-                pipe.mget([keys.user(u) for u in user_ids])
-            item_raw, *rest = pipe.execute()
-        user_raw = rest[0] if rest else []
-        opted_out = {
-            u
-            for u, r in zip(user_ids, user_raw, strict=True)
-            if r is not None and not _personalized(_loads_record(r))
-        }
-        return self._cached_infos(item_ids, item_raw), opted_out
+        pipe.mget([keys.item(i) for i in item_ids])
+        if user_ids:
+            pipe.mget([keys.user(u) for u in user_ids])
+
+        def decode(replies: Sequence[Any]) -> tuple[dict[str, ItemInfo], set[str]]:
+            item_raw = replies[0]
+            user_raw = replies[1] if user_ids else []
+            opted_out = {
+                u
+                for u, r in zip(user_ids, user_raw, strict=True)
+                if r is not None and not _personalized(_loads_record(r))
+            }
+            return self._cached_infos(item_ids, item_raw), opted_out
+
+        return decode
 
     def _remember(self, token: str, written: Sequence[tuple[str, dict[str, State]]]) -> None:
         """Cache states just written with ``token``, dropping the least recently written beyond the size."""
@@ -871,39 +886,67 @@ class OnlineFeatureStore:
         return staged.result
 
     def _stage(
-        self, pending: list[EventRecord], items: Mapping[str, ItemInfo], opted_out: set[str]
+        self,
+        pending: list[EventRecord],
+        items: Mapping[str, ItemInfo] | None = None,
+        opted_out: set[str] | None = None,
     ) -> _Staged | list[EventRecord]:
-        """The reads and folds of one attempt: its writes, or the events still pending if some were done."""
+        """The reads and folds of one attempt: its writes, or the events still pending if some were done.
+
+        Without ``items`` (and ``opted_out``) the catalog is read in the same round trip as the
+        markers, the erased flags and every state whose entity an event names by itself (users,
+        items): only states keyed by catalog data (creators) that are not cached need a second
+        one. On a busy Redis each round trip waits behind other consumers' scripts, so that wait
+        was a good part of a batch's time.
+        """
         keys = self.keys
         # Event ids are validated non-empty, so prefix and id always make a whole key.
         markers = [prefix + e.event_id for prefix in self._marker_prefixes for e in pending]
         user_ids = sorted({e.user_id for e in pending})
-        # Routing needs no erased flags: erased users' events are routed, then dropped below.
-        routed = self._plan(pending, items, set(), opted_out)
-        state_keys = {entity: self._state_key(*entity) for entity in routed.groups}
+        routed: _Plan | None = None
+        if items is None:
+            wanted = self._keys_without_catalog(pending)
+        else:
+            # Routing needs no erased flags: erased users' events are routed, then dropped below.
+            routed = self._plan(pending, items, set(), opted_out or set())
+            wanted = [self._state_key(*entity) for entity in routed.groups]
         # Cached states are taken out of the cache: the folds update them in place, so they go
         # back only once the write succeeds. Any other outcome leaves them out, to be read again.
-        held: dict[tuple[EntityType, str], tuple[str, dict[str, State]]] = {}
-        if self._state_cache:
-            for entity, key in state_keys.items():
-                hit = self._state_cache.pop(key, None)
-                if hit is not None:
-                    held[entity] = hit
-        to_read = [key for entity, key in state_keys.items() if entity not in held]
+        held: dict[str, tuple[str, dict[str, State]]] = {}
+        to_read = self._take_cached(wanted, held)
         with self.store.guard():
             reader = self.store.client.pipeline(transaction=False)
+            decode_catalog = self._queue_catalog(reader, pending) if items is None else None
             reader.mget(markers)
             reader.smismember(keys.erased_users(), user_ids)
             if to_read:
                 reader.eval(READ_STATES_SCRIPT, len(to_read), *to_read)
             replies = reader.execute()
+        if decode_catalog is not None:
+            items, opted_out = decode_catalog(replies)
+            replies = replies[2 if self._reads_opt_outs else 1 :]
+        assert items is not None and opted_out is not None
         done, erased_flags = replies[0], replies[1]
-        raw_by_key = dict(zip(to_read, _hashes(replies[2]), strict=True)) if to_read else {}
         if any(flag is not None for flag in done):
             # An event is done when any partition's marker exists (see features.partitions).
             n = len(pending)
             done_events = {i % n for i, flag in enumerate(done) if flag is not None}
             return [e for i, e in enumerate(pending) if i not in done_events]
+        raw_by_key = dict(zip(to_read, _hashes(replies[2]), strict=True)) if to_read else {}
+        if routed is None:
+            routed = self._plan(pending, items, set(), opted_out)
+        state_keys = {entity: self._state_key(*entity) for entity in routed.groups}
+        if decode_catalog is not None:
+            # States keyed by catalog data, and those of entities the catalog turned out to
+            # leave unrouted (opted-out users' behaviour views), which go back to the cache.
+            routed_keys = set(state_keys.values())
+            for key in [k for k in held if k not in routed_keys]:
+                self._state_cache[key] = held.pop(key)
+            late = [k for k in routed_keys if k not in held and k not in raw_by_key]
+            more = self._take_cached(late, held)
+            if more:
+                with self.store.guard():
+                    raw_by_key.update(self._read_hashes(more))
         erased_by_user = {u: bool(flag) for u, flag in zip(user_ids, erased_flags, strict=True)}
         erased = {u for u, flag in erased_by_user.items() if flag}
         plan = self._plan(pending, items, erased, opted_out) if erased else routed
@@ -917,7 +960,7 @@ class OnlineFeatureStore:
         for entity, by_view in plan.groups.items():
             entity_type, entity_id = entity
             key = state_keys[entity]
-            hit = held.get(entity)
+            hit = held.get(key)
             if hit is None:
                 raw = raw_by_key[key]
                 token, states = raw.get(VERSION_FIELD, ""), self._decode_views(entity_type, raw)
@@ -950,6 +993,35 @@ class OnlineFeatureStore:
             applied_by_type=dict(Counter(e.kind for e in plan.events)),
         )
         return _Staged(markers, erased_by_user, writes, written, result)
+
+    def _keys_without_catalog(self, events: Sequence[EventRecord]) -> list[str]:
+        """State keys of the entities events name without the catalog (their user, their item).
+
+        A view whose entity comes from catalog data (a creator) names none here; routing with
+        the catalog then finds those, and only those, in addition.
+        """
+        found: dict[str, None] = {}
+        for _name, entity_type, entity_key, _behaviour in self._routes:
+            prefix = self._state_prefix[entity_type]
+            for event in events:
+                entity_id = entity_key(event, None)
+                if entity_id:
+                    found[prefix + entity_id] = None
+        return list(found)
+
+    def _take_cached(self, keys: Sequence[str], held: dict[str, tuple[str, dict[str, State]]]) -> list[str]:
+        """Move the cached states of some keys into ``held``; returns the keys not cached."""
+        cache = self._state_cache
+        if not cache:
+            return list(keys)
+        missing: list[str] = []
+        for key in keys:
+            hit = cache.pop(key, None)
+            if hit is None:
+                missing.append(key)
+            else:
+                held[key] = hit
+        return missing
 
     # -- the overlapped write path (see StagedApply) ---------------------------------------------
 
@@ -986,8 +1058,7 @@ class OnlineFeatureStore:
         unique, duplicates = _unique_events(events)
         if not unique:
             return StagedApply(events, generation, ApplyResult(duplicates=duplicates), None)
-        items, opted_out = self._catalog(unique)
-        staged = self._stage(unique, items, opted_out)
+        staged = self._stage(unique)
         if not isinstance(staged, _Staged):
             # Some were applied meanwhile by another consumer: the synchronous path sorts it out.
             return StagedApply(events, generation, None, None)

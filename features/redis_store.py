@@ -159,6 +159,40 @@ class PendingReply:
         return conn
 
 
+def send_packed(client: redis.Redis, packed: list[bytes]) -> PendingReply:
+    """Send a packed command on a connection of ``client``'s pool without waiting for its reply.
+
+    The connection stays checked out of the pool until :meth:`PendingReply.result` or
+    :meth:`PendingReply.drop`.
+
+    Raises:
+        redis.RedisError: The command could not be sent.
+    """
+    pool = client.connection_pool
+    conn: Any = pool.get_connection()
+    try:
+        # Resending is safe: a command cut short never reached Redis whole, so it did not run.
+        conn.retry.call_with_retry(lambda: conn.send_packed_command(packed), lambda _error: conn.disconnect())
+    except BaseException:
+        pool.release(conn)
+        raise
+    return PendingReply(pool, conn)
+
+
+def send_command(client: redis.Redis, *args: str | bytes | int | float) -> PendingReply:
+    """Send one command on a connection of ``client``'s pool without waiting for its reply.
+
+    Redis runs it as soon as it has it; :meth:`PendingReply.result` collects the reply, as raw
+    as the connection parses it (no redis-py response callback applies).
+
+    Raises:
+        redis.RedisError: The command could not be sent.
+    """
+    # Any: hiredis' stub types its argument as a one-element tuple.
+    command: tuple[Any, ...] = args
+    return send_packed(client, [hiredis.pack_command(command)])
+
+
 class RedisStore:
     """Pooled access to the online store of one namespace.
 
@@ -301,18 +335,7 @@ class RedisStore:
         Raises:
             redis.RedisError: The command could not be sent (callers use :meth:`guard`).
         """
-        packed = _packed_eval(script, num_keys, keys_and_args)
-        pool = self.pool
-        conn: Any = pool.get_connection()
-        try:
-            # Resending is safe: a command cut short never reached the script.
-            conn.retry.call_with_retry(
-                lambda: conn.send_packed_command(packed), lambda _error: conn.disconnect()
-            )
-        except BaseException:
-            pool.release(conn)
-            raise
-        return PendingReply(pool, conn)
+        return send_packed(self.client, _packed_eval(script, num_keys, keys_and_args))
 
     def mget_json(self, keys: Sequence[str], *, chunk: int = 1000) -> list[dict[str, Any] | None]:
         """Read packed JSON records, in one round trip.

@@ -29,6 +29,7 @@ from typing import Any, Final
 
 import redis
 
+from features.redis_store import PendingReply, send_command
 from features.stream_codec import entry_key, entry_ms
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,25 @@ class StreamEntry:
 def _entries(raw: Sequence[Any]) -> list[StreamEntry]:
     # A pending entry deleted from the stream comes back with no fields (nil or empty, by version).
     return [StreamEntry(str(entry_id), dict(fields) if fields else None) for entry_id, fields in raw]
+
+
+def _raw_entries(reply: Any) -> list[StreamEntry]:
+    """The entries of an ``XREADGROUP`` reply read without redis-py's response callback."""
+    if not reply:
+        return []
+    # RESP2 answers [[stream, entries]]; RESP3 answers {stream: entries}.
+    batches = list(reply.values()) if isinstance(reply, dict) else [entries for _, entries in reply]
+    out: list[StreamEntry] = []
+    for entries in batches:
+        for entry_id, flat in entries:
+            if not flat:
+                out.append(StreamEntry(str(entry_id), None))
+            elif isinstance(flat, dict):
+                out.append(StreamEntry(str(entry_id), flat))
+            else:
+                pairs = iter(flat)
+                out.append(StreamEntry(str(entry_id), dict(zip(pairs, pairs, strict=True))))
+    return out
 
 
 class StreamConsumer:
@@ -100,6 +120,7 @@ class StreamConsumer:
         self._own_cursor: str | None = "0"
         self._claim_cursor: str | None = None
         self._next_claim_at = 0.0
+        self._prefetched: PendingReply | None = None
 
     def __repr__(self) -> str:
         return f"StreamConsumer({self.stream!r}, group={self.group!r}, consumer={self.consumer!r})"
@@ -121,8 +142,57 @@ class StreamConsumer:
         """Read this consumer's own pending entries again from the start on the next batch.
 
         Called after a failed batch so its entries are retried without waiting to be claimed.
+        A read ahead (:meth:`prefetch`) is dropped: whatever it delivered is among those entries.
         """
         self._own_cursor = "0"
+        self._drop_prefetch()
+
+    def prefetch(self, count: int) -> bool:
+        """Ask Redis for the next new entries now; the next :meth:`next_batch` collects them.
+
+        A consumer that is about to keep Redis busy (a long script) reads ahead this way: Redis
+        answers the read before it runs the script, and the next batch need not wait for the
+        script to end before its entries arrive. Nothing is read ahead while own pending entries
+        or claims are due, which :meth:`next_batch` hands out first. The entries are delivered
+        to this consumer when Redis runs the read; a consumer that dies before processing them
+        finds them among its own pending entries, as any delivered entry.
+
+        Args:
+            count: Most entries to read.
+
+        Returns:
+            Whether a read was sent.
+        """
+        if (
+            self._prefetched is not None
+            or not self._ready
+            or self._own_cursor is not None
+            or self._claim_cursor is not None
+            or self._clock() >= self._next_claim_at
+        ):
+            return False
+        self._prefetched = send_command(
+            self.client,
+            "XREADGROUP",
+            "GROUP",
+            self.group,
+            self.consumer,
+            "COUNT",
+            count,
+            "STREAMS",
+            self.stream,
+            ">",
+        )
+        return True
+
+    def _drop_prefetch(self) -> None:
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None:
+            prefetched.drop()
+
+    def close(self) -> None:
+        """Give back the connection of a read ahead that was never collected."""
+        self._drop_prefetch()
 
     def next_batch(self, count: int, block_ms: int) -> list[StreamEntry]:
         """The next entries to process (own pending, then claimed, then new); see the module doc.
@@ -149,9 +219,15 @@ class StreamConsumer:
             self._ready = False
             self._own_cursor = "0"
             self._claim_cursor = None
+            self._drop_prefetch()
             return []
 
     def _next_batch(self, count: int, block_ms: int) -> list[StreamEntry]:
+        if self._prefetched is not None:
+            prefetched, self._prefetched = self._prefetched, None
+            ahead = _raw_entries(prefetched.result())
+            if ahead:
+                return ahead
         if self._own_cursor is not None:
             own = self._read(self._own_cursor, count, None)
             if own:

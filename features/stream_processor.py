@@ -165,6 +165,7 @@ class StreamProcessor:
         # The batch whose write runs in Redis: its entries, undecodable count, write, and the
         # seconds spent on it so far (its reads, folds and send; not the previous batch's finish).
         self._in_flight: tuple[Sequence[StreamEntry], int, InFlightApply, float] | None = None
+        self._count = 500  # the latest batch size asked for, which a read ahead uses too
 
     def __repr__(self) -> str:
         return f"StreamProcessor(consumer={self.consumer.consumer!r}, stream={self.consumer.stream!r})"
@@ -174,7 +175,9 @@ class StreamProcessor:
 
         With ``overlap``, the batch's write is only started: Redis runs it while the next call
         reads and folds the next batch, and that call acknowledges it once the write is done
-        (a call that finds no new entries finishes it before it waits for any). A batch
+        (a call that finds no new entries finishes it before it waits for any). The next
+        batch's entries are asked for just before the write goes out
+        (:meth:`StreamConsumer.prefetch`), so they need not wait for the script to end. A batch
         is staged on the states the previous one is writing; the commit script checks them as
         always, so when that write fails the next is read and folded again (see
         :meth:`OnlineFeatureStore.stage_events`).
@@ -190,6 +193,7 @@ class StreamProcessor:
             StoreUnavailable: Redis could not be reached; the batch stays pending and is retried.
             ApplyConflict: The batch kept conflicting with another consumer; retried likewise.
         """
+        self._count = count
         with self.store.guard():
             if not self.overlap:
                 entries = self.consumer.next_batch(count, block_ms)
@@ -251,6 +255,8 @@ class StreamProcessor:
             spent_s = time.perf_counter() - started
             self.flush()
             sending = time.perf_counter()
+            # Read ahead before the write goes out, so Redis answers the read first.
+            self.consumer.prefetch(self._count)
             write = self.online.send(staged)  # stages again if the flushed write failed
             spent_s += time.perf_counter() - sending
         except Exception:
@@ -438,6 +444,7 @@ class StreamProcessorActor:
         # The last batch's write may still be in flight: acknowledge it rather than leave it
         # to be delivered again.
         self._processor.flush()
+        self._processor.consumer.close()
 
     def start(self) -> bool:
         """Start looping; returns False when the loop was running already."""

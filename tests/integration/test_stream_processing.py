@@ -37,6 +37,7 @@ from features.partitions import ITEMS, PARTITIONS, USERS
 from features.records import EventRecord
 from features.redis_store import RedisStore
 from features.stream_codec import FEATURES_GROUP, LAKE_GROUP, decode_event, encode_event, encode_log_entry
+from features.stream_consumer import StreamConsumer
 from features.stream_processor import StreamProcessor
 from features.stream_trim import trim_acknowledged
 from features.trending import TrendingScope
@@ -374,12 +375,36 @@ def test_overlapped_batches_apply_every_event_exactly_once(store: RedisStore, me
     xadd_events(store, events)
     processor = _overlapped(store, metrics)
     assert processor.run_once(250, 0) == 250
-    # The first batch's write is in flight until the next call takes on the second batch.
-    assert pending(store, store.keys.stream_events(), FEATURES_GROUP) == 250
+    # The first batch's write is in flight until the next call takes on the second batch, whose
+    # entries were read ahead as the write went out.
+    assert pending(store, store.keys.stream_events(), FEATURES_GROUP) == 500
     assert processor.drain(count=250) == 2_000 - 250
     assert processor.stats.entries == processor.stats.applied == 2_000
     assert pending(store, store.keys.stream_events(), FEATURES_GROUP) == 0
     assert_exactly_once(store, events)
+
+
+def test_a_read_ahead_hands_out_the_next_entries_and_a_rewind_loses_none(store: RedisStore) -> None:
+    stream = store.keys.stream_events()
+    ids = xadd_events(store, make_events(30, put_items(store, 2)))
+    consumer = StreamConsumer(store.client, stream, FEATURES_GROUP, "c1")
+    first = consumer.next_batch(10, 0)
+    assert [e.entry_id for e in first] == ids[:10]
+    assert consumer.prefetch(10)
+    assert not consumer.prefetch(10)  # one read ahead at a time
+    ahead = consumer.next_batch(10, 0)
+    assert [e.entry_id for e in ahead] == ids[10:20]
+    assert ahead[0].fields is not None and decode_event(ahead[0].fields).event_id
+    # Read ahead, then a failure: the rewind drops the read, and its entries come back as this
+    # consumer's own pending ones, in order, after those it had already.
+    assert consumer.prefetch(10)
+    consumer.rewind()
+    again = consumer.next_batch(100, 0)
+    assert [e.entry_id for e in again][:20] == ids[:20]
+    # Whether the dropped read ran or not, the rest follows, each entry once.
+    rest = consumer.next_batch(100, 0)
+    assert [e.entry_id for e in again + rest] == ids
+    consumer.close()
 
 
 def test_a_batch_staged_on_a_write_that_failed_is_folded_again(
