@@ -564,23 +564,6 @@ def _cpu_shares(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     return {f"{k}_cores": round((after[k] - before[k]) / wall, 2) for k in after if k != "wall"}
 
 
-def _cpu_by_role(before: proc_cpu.Reading, after: proc_cpu.Reading, events: int) -> dict[str, Any]:
-    """Cores each process role kept busy, and its CPU microseconds per event accepted.
-
-    Per event rather than per request (:func:`benchmarks.proc_cpu.report`): a request of the
-    steady flow carries many events.
-    """
-    used = proc_cpu.per_role(before, after)
-    wall = after.at_s - before.at_s
-    if not used or wall <= 0:
-        return {}
-    used["total"] = sum(used.values())
-    return {
-        "cores": {k: round(v / wall, 3) for k, v in used.items()},
-        "us_per_event": {k: round(v * 1e6 / events, 1) if events else None for k, v in used.items()},
-    }
-
-
 def _consumers_cpu(before: dict[str, float], after: dict[str, float], started: float) -> dict[str, Any]:
     """Each consumer's CPU over a phase: microseconds per entry, and the share of one core it got.
 
@@ -710,8 +693,14 @@ async def run_phases(
             args.settle_s,
         )
         out["freshness"]["cpu"] = _cpu_shares(clocks, _cpu_clocks(store))
-        out["freshness"]["cpu_by_role"] = _cpu_by_role(
-            processes, proc_cpu.snapshot(), out["freshness"]["events_accepted"]
+        # Per event rather than per request: a request of the steady flow carries many events.
+        out["freshness"]["cpu_by_role"] = proc_cpu.report(
+            processes,
+            proc_cpu.snapshot(),
+            out["freshness"]["events_accepted"],
+            per="us_per_event",
+            scale=1e6,
+            digits=1,
         )
         out["freshness"]["consumers_cpu"] = _consumers_cpu(before, await consumer_stats(base), started)
         del bodies

@@ -104,25 +104,36 @@ def per_role(before: Reading, after: Reading) -> dict[str, float]:
     return dict(sorted(used.items(), key=lambda kv: -kv[1]))
 
 
-def report(before: Reading, after: Reading, requests: int) -> dict[str, object]:
-    """Cores busy per role over the interval and CPU milliseconds per request.
+def report(
+    before: Reading,
+    after: Reading,
+    requests: int,
+    *,
+    per: str = "ms_per_request",
+    scale: float = 1000.0,
+    digits: int = 2,
+) -> dict[str, object]:
+    """Cores busy per role over the interval and CPU time per request.
 
     Args:
         before: Reading at the phase's start.
         after: Reading at its end.
-        requests: Requests the phase served.
+        requests: Requests (or other units of work) the phase served.
+        per: Name of the per-request map.
+        scale: Its unit per second of CPU (1,000: milliseconds; 1,000,000: microseconds).
+        digits: Decimals it keeps.
 
     Returns:
-        ``cores`` (role to average cores busy, plus ``total``) and ``ms_per_request`` (role to
-        CPU ms per request, plus ``total``); empty maps when nothing could be read.
+        ``cores`` (role to average cores busy, plus ``total``) and ``per`` (role to CPU time per
+        request, plus ``total``); empty maps when nothing could be read.
     """
     wall = after.at_s - before.at_s
     used = per_role(before, after)
     total = sum(used.values())
     cores = {k: round(v / wall, 3) for k, v in used.items()} if wall > 0 else {}
-    per_request = {k: round(v * 1000.0 / requests, 2) for k, v in used.items()} if requests else {}
+    per_request = {k: round(v * scale / requests, digits) for k, v in used.items()} if requests else {}
     if used:
         cores["total"] = round(total / wall, 3) if wall > 0 else 0.0
         if requests:
-            per_request["total"] = round(total * 1000.0 / requests, 2)
-    return {"cores": cores, "ms_per_request": per_request}
+            per_request["total"] = round(total * scale / requests, digits)
+    return {"cores": cores, per: per_request}

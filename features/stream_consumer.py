@@ -56,27 +56,27 @@ class StreamEntry:
 
 
 def _entries(raw: Sequence[Any]) -> list[StreamEntry]:
-    # A pending entry deleted from the stream comes back with no fields (nil or empty, by version).
-    return [StreamEntry(str(entry_id), dict(fields) if fields else None) for entry_id, fields in raw]
+    """Entries as redis-py parses them (fields as a dict) or as a raw reply holds them (a flat list)."""
+    out: list[StreamEntry] = []
+    for entry_id, fields in raw:
+        if not fields:
+            # A pending entry deleted from the stream comes back with no fields (nil or empty, by version).
+            out.append(StreamEntry(str(entry_id), None))
+        elif isinstance(fields, dict):
+            out.append(StreamEntry(str(entry_id), fields))
+        else:
+            pairs = iter(fields)
+            out.append(StreamEntry(str(entry_id), dict(zip(pairs, pairs, strict=True))))
+    return out
 
 
-def _raw_entries(reply: Any) -> list[StreamEntry]:
-    """The entries of an ``XREADGROUP`` reply read without redis-py's response callback."""
+def _read_entries(reply: Any) -> list[StreamEntry]:
+    """The entries of an ``XREADGROUP`` reply, parsed by redis-py or raw."""
     if not reply:
         return []
     # RESP2 answers [[stream, entries]]; RESP3 answers {stream: entries}.
     batches = list(reply.values()) if isinstance(reply, dict) else [entries for _, entries in reply]
-    out: list[StreamEntry] = []
-    for entries in batches:
-        for entry_id, flat in entries:
-            if not flat:
-                out.append(StreamEntry(str(entry_id), None))
-            elif isinstance(flat, dict):
-                out.append(StreamEntry(str(entry_id), flat))
-            else:
-                pairs = iter(flat)
-                out.append(StreamEntry(str(entry_id), dict(zip(pairs, pairs, strict=True))))
-    return out
+    return [entry for entries in batches for entry in _entries(entries)]
 
 
 class StreamConsumer:
@@ -225,7 +225,7 @@ class StreamConsumer:
     def _next_batch(self, count: int, block_ms: int) -> list[StreamEntry]:
         if self._prefetched is not None:
             prefetched, self._prefetched = self._prefetched, None
-            ahead = _raw_entries(prefetched.result())
+            ahead = _read_entries(prefetched.result())
             if ahead:
                 return ahead
         if self._own_cursor is not None:
@@ -240,14 +240,11 @@ class StreamConsumer:
         return self._read(">", count, block_ms if block_ms > 0 else None)
 
     def _read(self, from_id: str, count: int, block_ms: int | None) -> list[StreamEntry]:
-        reply = self.client.xreadgroup(
-            self.group, self.consumer, {self.stream: from_id}, count=count, block=block_ms
+        return _read_entries(
+            self.client.xreadgroup(
+                self.group, self.consumer, {self.stream: from_id}, count=count, block=block_ms
+            )
         )
-        if not reply:
-            return []
-        # RESP2 answers [[stream, entries]]; RESP3 answers {stream: [entries]}.
-        batches = list(reply.values()) if isinstance(reply, dict) else [entries for _, entries in reply]
-        return [entry for entries in batches for entry in _entries(entries)]
 
     def _claim_step(self, count: int) -> list[StreamEntry]:
         now = self._clock()
