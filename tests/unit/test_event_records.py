@@ -103,3 +103,18 @@ def test_every_consumer_decodes_an_entry_to_the_same_record_either_way() -> None
     for broken in ({"e": _payload(eventType="teleport")}, {"x": "1"}, None):
         with pytest.raises(EntryDecodeError):
             decode_event_record(broken)
+
+
+def test_an_offset_timestamp_is_taken_to_utc_as_validation_takes_it() -> None:
+    payload = _payload(timestamp="2025-01-01T02:00:00.5+02:00")
+    direct = EventRecord.from_event_json(payload)
+    assert direct is not None
+    assert direct == EventRecord.from_event(decode_event({"e": payload}))
+    assert direct.ts.isoformat() == "2025-01-01T00:00:00.500000+00:00"
+    assert direct.sort_key == (direct.ts.timestamp(), direct.event_id)
+
+
+def test_ids_found_valid_before_do_not_let_an_invalid_one_through() -> None:
+    assert EventRecord.from_event_json(_payload()) is not None  # remembers its ids
+    assert EventRecord.from_event_json(_payload(userId="u:2@x ")) is None
+    assert EventRecord.from_event_json(_payload(context_region="eu-west\n")) is None
