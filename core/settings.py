@@ -60,9 +60,11 @@ class Settings(BaseModel):
 
     It must exceed the longest time an applied entry can wait to be acknowledged (a processor
     restarts and rereads its own pending entries at once; a dead one's are claimed after 60 s)
-    and the window in which clients retry an event. Markers cost Redis memory: about 144 bytes
-    each, one per event per feature partition, so ``events/s x 2 x TTL x 144`` bytes (1 GB at
-    1,000 events/s for the default hour)."""
+    and the window in which clients retry an event. Markers live in one set per feature
+    partition and minute of event time, and each write to a set starts its TTL again, so a
+    marker lives at least this long. They cost Redis memory: about 72 bytes each (ids of about
+    20 characters), one per event per feature partition, so ``events/s x 2 x TTL x 72`` bytes
+    (0.5 GB at 1,000 events/s for the default hour)."""
 
     rate_limit_events_per_s: Annotated[float, Field(ge=0, le=1_000_000)] = 0.0
     """Events per second each client may send to the event routes, sustained; 0 disables the limit.

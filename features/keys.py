@@ -132,17 +132,19 @@ class RedisKeys:
 
     # Idempotency.
 
-    def processed_event(self, partition: str, event_id: str) -> str:
-        """STRING marker: present means the event was already applied to a feature partition.
+    def processed_events(self, partition: str, bucket: int) -> str:
+        """SET of the ids of events already applied to a feature partition, for one minute of event time.
 
-        One key per event and partition (see :mod:`features.partitions`), with a TTL longer
-        than any redelivery delay, so the markers expire instead of growing without bound as a
-        single set would.
+        ``bucket`` is :func:`features.online_store.marker_bucket` of the events' time. Many small
+        sets with a TTL, one per partition (see :mod:`features.partitions`) and minute, rather
+        than one set: they expire instead of growing without bound.
         """
-        return self.processed_prefix(partition) + _entity("event", event_id)
+        if bucket < 0:
+            raise ValueError(f"a processed-marker bucket is not negative, not {bucket}")
+        return f"{self.processed_prefix(partition)}{bucket}"
 
     def processed_prefix(self, partition: str) -> str:
-        """What :meth:`processed_event` puts before an event id (markers of a whole batch)."""
+        """What :meth:`processed_events` puts before the bucket (the sets of a whole batch)."""
         return f"{self._p}processed:{_entity('partition', partition)}:"
 
     # Serving.

@@ -8,11 +8,15 @@ Layout (key names from :class:`features.keys.RedisKeys`):
 - ``{ns}:features:{entity}:{id}`` STRING, the packed serving record: JSON object of
   ``view:feature`` reference to value for every view of the entity, plus ``"updated_at"``
   (ISO 8601, UTC). The request path reads a batch of them with one ``MGET``.
-- ``{ns}:processed:{partition}:{event_id}`` STRING ``"1"`` with a TTL
-  (:attr:`OnlineFeatureStore.processed_ttl_s`): the event was applied to that feature partition
-  (see :mod:`features.partitions`). Per-id keys rather than one set, because they expire on
-  their own while a set grows until someone prunes it; the TTL must exceed any redelivery delay
-  (entries are claimed within minutes; an hour by default, `Settings.processed_ttl_s`).
+- ``{ns}:processed:{partition}:{minute}`` SET of event ids: the event was applied to that feature
+  partition (see :mod:`features.partitions`). One set per minute of *event* time
+  (:data:`PROCESSED_BUCKET_S`; ``minute`` counts from the Unix epoch), so every copy of an event
+  (a redelivered entry, a client's retry) looks in the same set, and a batch, whose events mostly
+  share a minute or two, checks and writes its markers with a command or two per set rather
+  than one per event. Each write sets the set's TTL (:attr:`OnlineFeatureStore.processed_ttl_s`)
+  again, so a marker lives at least that long after it was written, and the sets expire on their
+  own; the TTL must exceed any redelivery delay (entries are claimed within minutes; an hour by
+  default, `Settings.processed_ttl_s`).
 - ``{ns}:trending-{global,region,category}:{epoch}[:{value}]`` ZSET (see :mod:`features.trending`).
 - ``{ns}:excluded:{user}`` SET of item ids (hide, not interested, report).
 
@@ -74,6 +78,15 @@ logger = logging.getLogger(__name__)
 PROCESSED_TTL_S: Final = 3_600
 """Default lifetime of a processed-event marker (``Settings.processed_ttl_s``, which says why)."""
 
+PROCESSED_BUCKET_S: Final = 60
+"""Event time whose processed markers share one set (see the module docstring)."""
+
+
+def marker_bucket(ts_s: float) -> int:
+    """The processed-marker set an event of time ``ts_s`` (epoch seconds) belongs in."""
+    return int(ts_s // PROCESSED_BUCKET_S)
+
+
 READ_STATES_SCRIPT: Final = """#!lua flags=no-writes
 local out = {}
 for i = 1, #KEYS do
@@ -88,31 +101,36 @@ VERSION_FIELD: Final = "_v"
 
 APPLY_SCRIPT: Final = """
 -- Checks, then writes; nothing is written unless every check passes.
--- ARGV[1..7]: m markers, s states, u users, z trending sets, x exclusion sets, the new version
--- token, the markers' TTL. KEYS: the m markers, the s state hashes, the erased-user set when
--- u > 0, the s serving records (one per state, same entity), the z trending sets, the x
--- exclusion sets. ARGV then holds the s expected version tokens, the u user ids and their u
--- expected erased flags ('0' or '1'); per state its TTL, field count f, f field/value pairs and
--- the serving record; per trending set its EXPIREAT instant, member count n and n
--- increment/member pairs; per exclusion set its member count n and n members.
+-- ARGV[1..7]: m marker sets, s states, u users, z trending sets, x exclusion sets, the new
+-- version token, the markers' TTL. KEYS: the m marker sets, the s state hashes, the erased-user
+-- set when u > 0, the s serving records (one per state, same entity), the z trending sets, the
+-- x exclusion sets. ARGV then holds, per marker set, its event count n and n event ids; the s
+-- expected version tokens, the u user ids and their u expected erased flags ('0' or '1'); per
+-- state its TTL, field count f, f field/value pairs and the serving record; per trending set
+-- its EXPIREAT instant, member count n and n increment/member pairs; per exclusion set its
+-- member count n and n members.
 -- Each key is sent once, each state written with one HSET, and the markers and erased flags
--- are checked with one multi-key command per chunk: the script's cost is mostly per argument
--- and per command. Chunks keep each unpack within Lua's limit on values.
+-- are checked with one multi-member command per chunk: the script's cost is mostly per
+-- argument and per command. Chunks keep each unpack within Lua's limit on values.
 local m, s, u = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local z, x = tonumber(ARGV[4]), tonumber(ARGV[5])
 local token, marker_ttl = ARGV[6], ARGV[7]
 local a = 8
 local chunk = 1000
-for first = 1, m, chunk do
-  local last = math.min(first + chunk - 1, m)
-  if redis.call('EXISTS', unpack(KEYS, first, last)) > 0 then
-    local done = {}
-    for i = 1, m do
-      if redis.call('EXISTS', KEYS[i]) == 1 then done[#done + 1] = i end
+local ids_at, done = {}, {}
+for i = 1, m do
+  local n = tonumber(ARGV[a])
+  ids_at[i] = a + 1
+  for first = a + 1, a + n, chunk do
+    local last = math.min(first + chunk - 1, a + n)
+    local flags = redis.call('SMISMEMBER', KEYS[i], unpack(ARGV, first, last))
+    for j = 1, #flags do
+      if flags[j] == 1 then done[#done + 1] = ARGV[first + j - 1] end
     end
-    return {0, done}
   end
+  a = a + n + 1
 end
+if #done > 0 then return {0, done} end
 for i = 1, s do
   if (redis.call('HGET', KEYS[m + i], '_v') or '') ~= ARGV[a] then return {2, i} end
   a = a + 1
@@ -155,12 +173,17 @@ for _ = 1, x do
   k = k + 1
 end
 for i = 1, m do
-  redis.call('SET', KEYS[i], '1', 'EX', marker_ttl)
+  local first = ids_at[i]
+  local last = first + tonumber(ARGV[first - 1]) - 1
+  for c = first, last, chunk do
+    redis.call('SADD', KEYS[i], unpack(ARGV, c, math.min(c + chunk - 1, last)))
+  end
+  redis.call('EXPIRE', KEYS[i], marker_ttl)
 end
 return {1}
 """
 """Check-and-write of one batch (or one backfill), atomically; answers ``{1}`` when written,
-``{0, indexes}`` (1-based) of the markers that already exist, or ``{2, …}`` when a state or an
+``{0, event ids}`` of the events already marked processed, or ``{2, …}`` when a state or an
 erased flag changed since it was read."""
 
 
@@ -301,9 +324,16 @@ class _Writes:
         self._exclusions.setdefault(key, []).append(member)
 
     def command(
-        self, markers: Sequence[str], marker_ttl_s: int, erased_by_user: Mapping[str, bool], keys: RedisKeys
+        self,
+        markers: Mapping[str, Sequence[str]],
+        marker_ttl_s: int,
+        erased_by_user: Mapping[str, bool],
+        keys: RedisKeys,
     ) -> tuple[int, list[_Arg]]:
-        """The ``EVAL`` arguments after the script: the key count, and the keys then the other arguments."""
+        """The ``EVAL`` arguments after the script: the key count, and the keys then the other arguments.
+
+        ``markers`` maps each processed-marker set to the event ids to check in it and add to it.
+        """
         users = list(erased_by_user)
         key_list: list[str] = [
             *markers,
@@ -321,6 +351,11 @@ class _Writes:
             len(self._exclusions),
             self.token,
             marker_ttl_s,
+        ]
+        for ids in markers.values():
+            args.append(len(ids))
+            args.extend(ids)
+        args += [
             *self._tokens,
             *users,
             *("1" if erased_by_user[u] else "0" for u in users),
@@ -347,7 +382,7 @@ def _hashes(replies: Sequence[Sequence[str]]) -> list[dict[str, str]]:
 class _Staged:
     """One attempt's writes, ready for :data:`APPLY_SCRIPT`, and what they amount to."""
 
-    markers: list[str]
+    markers: dict[str, list[str]]
     erased_by_user: dict[str, bool]
     writes: _Writes
     written: list[tuple[str, dict[str, State]]]
@@ -657,7 +692,7 @@ class OnlineFeatureStore:
                         self._record(entity, views, at, stamp),
                     )
                 try:
-                    self._apply([], {}, writes)
+                    self._apply({}, {}, writes)
                 except _StateChanged:
                     continue
                 return len(states)
@@ -843,17 +878,20 @@ class OnlineFeatureStore:
         for key in list(islice(cache, max(0, len(cache) - size))):
             del cache[key]
 
-    def _apply(self, markers: Sequence[str], erased_by_user: Mapping[str, bool], writes: _Writes) -> set[int]:
+    def _apply(
+        self, markers: Mapping[str, Sequence[str]], erased_by_user: Mapping[str, bool], writes: _Writes
+    ) -> set[str]:
         """Run :data:`APPLY_SCRIPT`: the writes, provided nothing read has changed.
 
         Args:
-            markers: Processed markers that must still be absent; written with the rest.
+            markers: Processed-marker set to the event ids that must still be absent from it;
+                added with the rest.
             erased_by_user: User id to whether it was erased when read.
             writes: Everything else to write, with the version tokens the states were read with.
 
         Returns:
-            The 1-based indexes of ``markers`` that exist now (nothing was written then); empty
-            when the writes were made.
+            The ids of the events marked processed now (nothing was written then); empty when
+            the writes were made.
 
         Raises:
             _StateChanged: A state or erased flag changed since it was read; nothing was written.
@@ -864,7 +902,7 @@ class OnlineFeatureStore:
             reply = self.store.eval_many(APPLY_SCRIPT, n_keys, *keys_and_args)
         status = int(reply[0])
         if status == 0:
-            return {int(i) for i in reply[1]}
+            return {str(event_id) for event_id in reply[1]}
         if status == 2:
             raise _StateChanged
         return set()
@@ -878,10 +916,7 @@ class OnlineFeatureStore:
             return staged
         done_now = self._apply(staged.markers, staged.erased_by_user, staged.writes)
         if done_now:
-            # The markers run partition by partition, each over the whole batch.
-            n = len(pending)
-            done_events = {(i - 1) % n for i in done_now}
-            return [e for i, e in enumerate(pending) if i not in done_events]
+            return [e for e in pending if e.event_id not in done_now]
         self._remember(staged.writes.token, staged.written)
         return staged.result
 
@@ -900,8 +935,7 @@ class OnlineFeatureStore:
         was a good part of a batch's time.
         """
         keys = self.keys
-        # Event ids are validated non-empty, so prefix and id always make a whole key.
-        markers = [prefix + e.event_id for prefix in self._marker_prefixes for e in pending]
+        markers = self._markers(pending)
         user_ids = sorted({e.user_id for e in pending})
         routed: _Plan | None = None
         if items is None:
@@ -917,7 +951,8 @@ class OnlineFeatureStore:
         with self.store.guard():
             reader = self.store.client.pipeline(transaction=False)
             decode_catalog = self._queue_catalog(reader, pending) if items is None else None
-            reader.mget(markers)
+            for marker_set, ids in markers.items():
+                reader.smismember(marker_set, ids)
             reader.smismember(keys.erased_users(), user_ids)
             if to_read:
                 reader.eval(READ_STATES_SCRIPT, len(to_read), *to_read)
@@ -926,13 +961,18 @@ class OnlineFeatureStore:
             items, opted_out = decode_catalog(replies)
             replies = replies[2 if self._reads_opt_outs else 1 :]
         assert items is not None and opted_out is not None
-        done, erased_flags = replies[0], replies[1]
-        if any(flag is not None for flag in done):
+        n_sets = len(markers)
+        flags_by_set, erased_flags = replies[:n_sets], replies[n_sets]
+        done = {
+            event_id
+            for ids, flags in zip(markers.values(), flags_by_set, strict=True)
+            for event_id, flag in zip(ids, flags, strict=True)
+            if flag
+        }
+        if done:
             # An event is done when any partition's marker exists (see features.partitions).
-            n = len(pending)
-            done_events = {i % n for i, flag in enumerate(done) if flag is not None}
-            return [e for i, e in enumerate(pending) if i not in done_events]
-        raw_by_key = dict(zip(to_read, _hashes(replies[2]), strict=True)) if to_read else {}
+            return [e for e in pending if e.event_id not in done]
+        raw_by_key = dict(zip(to_read, _hashes(replies[n_sets + 1]), strict=True)) if to_read else {}
         if routed is None:
             routed = self._plan(pending, items, set(), opted_out)
         state_keys = {entity: self._state_key(*entity) for entity in routed.groups}
@@ -993,6 +1033,16 @@ class OnlineFeatureStore:
             applied_by_type=dict(Counter(e.kind for e in plan.events)),
         )
         return _Staged(markers, erased_by_user, writes, written, result)
+
+    def _markers(self, events: Sequence[EventRecord]) -> dict[str, list[str]]:
+        """Each processed-marker set some events belong in, with their ids, partition by partition."""
+        markers: dict[str, list[str]] = {}
+        for prefix in self._marker_prefixes:
+            for event in events:
+                # As marker_bucket does; event ids are validated non-empty.
+                marker_set = prefix + str(int(event.ts_s // PROCESSED_BUCKET_S))
+                markers.setdefault(marker_set, []).append(event.event_id)
+        return markers
 
     def _keys_without_catalog(self, events: Sequence[EventRecord]) -> list[str]:
         """State keys of the entities events name without the catalog (their user, their item).

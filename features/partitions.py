@@ -10,8 +10,8 @@ entity type, because every view belongs to one entity and no fold reads another 
 Each partition is its own consumer group on the events stream (``features-users``,
 ``features-items``), read by its own processor, so the two run side by side in two processes
 and each reads every event. Each has its own processed-event markers
-(``{ns}:processed:{partition}:{event_id}``): a partition applies an event once whatever the
-other has done with it.
+(``{ns}:processed:{partition}:{minute}``, sets of event ids): a partition applies an event once
+whatever the other has done with it.
 
 A store that covers several partitions (the default :class:`features.online_store.OnlineFeatureStore`,
 which replays and tests use) checks and writes the markers of all of them in one transaction and

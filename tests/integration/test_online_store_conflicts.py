@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
 
 from core.schema import EntityType, utcnow
 from features.definitions import ITEM_ENGAGEMENT
-from features.online_store import VERSION_FIELD, OnlineFeatureStore
+from features.online_store import VERSION_FIELD, OnlineFeatureStore, marker_bucket
 from features.records import EventRecord
 from features.redis_store import RedisStore
 from tests.integration.test_stream_processing import assert_exactly_once, make_events, put_items
@@ -105,10 +105,13 @@ def test_the_cache_keeps_the_most_recently_written_states(store: RedisStore) -> 
 
 
 def test_a_marker_past_the_first_chunk_is_found(store: RedisStore) -> None:
-    # The script checks markers a thousand keys per command; one in a later chunk must count too.
+    # The script checks a marker set a thousand ids per command; one in a later chunk must count
+    # too. All in one minute, so all in one set.
     items = put_items(store, 5)
     events = make_events(2500, items, users=40)
+    events = [e.model_copy(update={"timestamp": events[0].timestamp}) for e in events]
     records = [EventRecord.from_event(e) for e in events]
+    assert len({marker_bucket(r.ts_s) for r in records}) == 1
     clock = _interrupting_clock(lambda: OnlineFeatureStore(store).apply_events([records[2100]]))
     result = OnlineFeatureStore(store, clock=clock).apply_events(records)
     assert (result.applied, result.duplicates) == (2499, 1)
@@ -124,3 +127,27 @@ def test_a_user_erased_meanwhile_is_skipped_on_the_retry(store: RedisStore) -> N
     assert result.retries >= 1
     assert result.skipped == sum(e.user_id == erased for e in events)
     assert result.applied == len(events) - result.skipped
+
+
+def test_markers_go_to_the_set_of_their_minute_of_event_time_and_expire(store: RedisStore) -> None:
+    items = put_items(store, 3)
+    events = make_events(6, items, users=2)
+    # Two minutes apart, and one from two years ago (an import's history is marked the same way).
+    times = [events[0].timestamp + timedelta(minutes=2 * (i % 2)) for i in range(5)]
+    times.append(events[0].timestamp - timedelta(days=730))
+    events = [e.model_copy(update={"timestamp": t}) for e, t in zip(events, times, strict=True)]
+    records = [EventRecord.from_event(e) for e in events]
+    online = OnlineFeatureStore(store, processed_ttl_s=600)
+    assert online.apply_events(records[:4]).applied == 4
+    result = online.apply_events(records)
+    assert (result.applied, result.duplicates) == (2, 4)
+    assert_exactly_once(store, events)
+    for partition in online.partitions:
+        members: dict[int, set[str]] = {}
+        for record in records:
+            members.setdefault(marker_bucket(record.ts_s), set()).add(record.event_id)
+        assert len(members) == 3
+        for bucket, ids in members.items():
+            marker_set = store.keys.processed_events(partition.name, bucket)
+            assert store.client.smembers(marker_set) == ids
+            assert 0 < store.client.ttl(marker_set) <= 600

@@ -35,9 +35,9 @@ def test_every_key_is_namespaced() -> None:
         keys.blocked_items(),
         keys.blocked_creators_global(),
         keys.erased_users(),
-        keys.processed_event("users", "e1"),
-        keys.processed_event("items", "e1"),
-        keys.processed_prefix("users") + "e2",
+        keys.processed_events("users", 29_000_000),
+        keys.processed_events("items", 29_000_000),
+        keys.processed_events("users", 29_000_001),
         keys.features(EntityType.ITEM, "i1"),
         keys.feature_state("user", "u1"),
     ]

@@ -32,7 +32,7 @@ from core.tables import EVENTS, IMPRESSIONS
 from features.definitions import ITEM_ENGAGEMENT, USER_ACTIVITY
 from features.lake_writer import LakeWriter
 from features.metrics import StreamMetrics
-from features.online_store import OnlineFeatureStore
+from features.online_store import OnlineFeatureStore, marker_bucket
 from features.partitions import ITEMS, PARTITIONS, USERS
 from features.records import EventRecord
 from features.redis_store import RedisStore
@@ -580,7 +580,9 @@ def test_the_actor_is_killed_mid_burst_and_resumes_exactly_once(
             assert stats["running"] and stats["errors"] == 0
         assert_exactly_once(store, events)
         for p in PARTITIONS:
-            ttl = store.client.ttl(store.keys.processed_event(p.name, events[0].event_id))
+            marker_set = store.keys.processed_events(p.name, marker_bucket(events[0].timestamp.timestamp()))
+            assert store.client.sismember(marker_set, events[0].event_id)
+            ttl = store.client.ttl(marker_set)
             assert 0 < ttl <= redis_settings.processed_ttl_s
         for actor in actors.values():
             ray.get(actor.stop.remote())
