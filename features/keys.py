@@ -167,9 +167,13 @@ class RedisKeys:
         return f"{self._p}features:{kind}:{_entity(kind, entity_id)}"
 
     def feature_state(self, entity_type: EntityType | str, entity_id: str) -> str:
-        """HASH: the mutable feature state (counters, lists) the stream processor updates."""
+        """STRING: the mutable feature state (counters, lists) the stream processor updates.
+
+        Its layout is :mod:`features.online_store`'s. (States were hashes under
+        ``feature-state:``; those keys are no longer read and expire with their TTL.)
+        """
         kind = EntityType(entity_type).value
-        return f"{self._p}feature-state:{kind}:{_entity(kind, entity_id)}"
+        return f"{self._p}state:{kind}:{_entity(kind, entity_id)}"
 
     def features_prefix(self, entity_type: EntityType | str) -> str:
         """What :meth:`features` puts before the (non-empty) entity id.
@@ -181,7 +185,7 @@ class RedisKeys:
 
     def feature_state_prefix(self, entity_type: EntityType | str) -> str:
         """What :meth:`feature_state` puts before the (non-empty) entity id (see :meth:`features_prefix`)."""
-        return f"{self._p}feature-state:{EntityType(entity_type).value}:"
+        return f"{self._p}state:{EntityType(entity_type).value}:"
 
     # Trending (see features.trending for the landmark epochs).
 

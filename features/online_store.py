@@ -2,9 +2,13 @@
 
 Layout (key names from :class:`features.keys.RedisKeys`):
 
-- ``{ns}:feature-state:{entity}:{id}`` HASH, field = view name, value = the view's JSON state
-  (one JSON string per entity per view), plus field ``_v`` (:data:`VERSION_FIELD`), a token
-  every write replaces. Expires ``state_ttl_s`` after the last update.
+- ``{ns}:state:{entity}:{id}`` STRING: a version token of :data:`TOKEN_LEN` characters, which
+  every write replaces, then a JSON object of view name to the view's state (views never folded
+  left out). Expires ``state_ttl_s`` after the last update. One string rather than a hash of
+  views: a batch reads the states it lacks with one ``MGET`` (a script running ``HGETALL`` per
+  key cost Redis ten times as much per state), checks a token with ``GETRANGE`` and writes a
+  state with one ``SET`` (``HSET`` and ``EXPIRE`` before). An entity's views all belong to one
+  feature partition (see :mod:`features.partitions`), so one writer owns the whole value.
 - ``{ns}:features:{entity}:{id}`` STRING, the packed serving record: JSON object of
   ``view:feature`` reference to value for every view of the entity, plus ``"updated_at"``
   (ISO 8601, UTC). The request path reads a batch of them with one ``MGET``.
@@ -87,34 +91,25 @@ def marker_bucket(ts_s: float) -> int:
     return int(ts_s // PROCESSED_BUCKET_S)
 
 
-READ_STATES_SCRIPT: Final = """#!lua flags=no-writes
-local out = {}
-for i = 1, #KEYS do
-  out[i] = redis.call('HGETALL', KEYS[i])
-end
-return out
-"""
-"""``HGETALL`` of every key given, as one command: one flat field/value list per key."""
-
-VERSION_FIELD: Final = "_v"
-"""Field of a feature-state hash holding the token of its last write (see the module docstring)."""
+TOKEN_LEN: Final = 32
+"""Length of the version token that starts every feature-state value (see the module docstring)."""
 
 APPLY_SCRIPT: Final = """
 -- Checks, then writes; nothing is written unless every check passes.
 -- ARGV[1..7]: m marker sets, s states, u users, z trending sets, x exclusion sets, the new
--- version token, the markers' TTL. KEYS: the m marker sets, the s state hashes, the erased-user
--- set when u > 0, the s serving records (one per state, same entity), the z trending sets, the
--- x exclusion sets. ARGV then holds, per marker set, its event count n and n event ids; the s
--- expected version tokens, the u user ids and their u expected erased flags ('0' or '1'); per
--- state its TTL, field count f, f field/value pairs and the serving record; per trending set
--- its EXPIREAT instant, member count n and n increment/member pairs; per exclusion set its
--- member count n and n members.
--- Each key is sent once, each state written with one HSET, and the markers and erased flags
+-- version token, the markers' TTL. KEYS: the m marker sets, the s states, the erased-user set
+-- when u > 0, the s serving records (one per state, same entity), the z trending sets, the x
+-- exclusion sets. ARGV then holds, per marker set, its event count n and n event ids; the s
+-- expected version tokens ('' for a state that does not exist), the u user ids and their u
+-- expected erased flags ('0' or '1'); per state its TTL, its new value (starting with the new
+-- token) and the serving record; per trending set its EXPIREAT instant, member count n and n
+-- increment/member pairs; per exclusion set its member count n and n members.
+-- Each key is sent once, each state written with one SET, and the markers and erased flags
 -- are checked with one multi-member command per chunk: the script's cost is mostly per
 -- argument and per command. Chunks keep each unpack within Lua's limit on values.
 local m, s, u = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local z, x = tonumber(ARGV[4]), tonumber(ARGV[5])
-local token, marker_ttl = ARGV[6], ARGV[7]
+local marker_ttl = ARGV[7]
 local a = 8
 local chunk = 1000
 local ids_at, done = {}, {}
@@ -132,7 +127,7 @@ for i = 1, m do
 end
 if #done > 0 then return {0, done} end
 for i = 1, s do
-  if (redis.call('HGET', KEYS[m + i], '_v') or '') ~= ARGV[a] then return {2, i} end
+  if redis.call('GETRANGE', KEYS[m + i], 0, 31) ~= ARGV[a] then return {2, i} end
   a = a + 1
 end
 local k = m + s + 1
@@ -148,13 +143,10 @@ if u > 0 then
   k = k + 1
 end
 for i = 1, s do
-  local key, ttl, f = KEYS[m + i], ARGV[a], tonumber(ARGV[a + 1])
-  a = a + 2
-  redis.call('HSET', key, '_v', token, unpack(ARGV, a, a + 2 * f - 1))
-  a = a + 2 * f
-  redis.call('EXPIRE', key, ttl)
-  redis.call('SET', KEYS[k], ARGV[a], 'EX', ttl)
-  a = a + 1
+  local ttl = ARGV[a]
+  redis.call('SET', KEYS[m + i], ARGV[a + 1], 'EX', ttl)
+  redis.call('SET', KEYS[k], ARGV[a + 2], 'EX', ttl)
+  a = a + 3
   k = k + 1
 end
 for _ = 1, z do
@@ -244,11 +236,6 @@ class _Fresh(dict[str, Any]):
         return self
 
 
-def _loads_state(raw: str) -> State:
-    state = orjson.loads(raw)
-    return _Fresh(state) if isinstance(state, dict) else state
-
-
 def _loads_record(raw: str) -> Any:
     # Catalog and user records are written by other code with the standard library, which also
     # accepts the NaN and Infinity literals orjson refuses; reading them the same way as before
@@ -273,11 +260,21 @@ class _Writes:
     Each state written is also a state checked: its expected version token goes with it.
     """
 
-    __slots__ = ("_exclusions", "_record_keys", "_state_args", "_state_keys", "_tokens", "_trending", "token")
+    __slots__ = (
+        "_exclusions",
+        "_record_keys",
+        "_state_args",
+        "_state_keys",
+        "_token_bytes",
+        "_tokens",
+        "_trending",
+        "token",
+    )
 
     def __init__(self) -> None:
         self.token = uuid.uuid4().hex
         """The version token every state written gets."""
+        self._token_bytes = self.token.encode()
         self._state_keys: list[str] = []
         self._tokens: list[str] = []
         self._record_keys: list[str] = []
@@ -290,24 +287,26 @@ class _Writes:
         key: str,
         expected_token: str,
         ttl_s: int,
-        fields: Sequence[str | bytes],
+        states: Mapping[str, State],
         record_key: str,
         record: str | bytes,
     ) -> None:
-        """Write some views of one entity's state and its serving record.
+        """Write one entity's state and its serving record.
 
         Args:
-            key: The state hash.
+            key: The entity's state.
             expected_token: The version token it was read with (``""``: none).
-            ttl_s: Lifetime of the hash and of the record from now.
-            fields: View name, state JSON, view name, state JSON, ...
+            ttl_s: Lifetime of the state and of the record from now.
+            states: View name to state, every view of the entity; views never folded (an empty
+                state) are left out.
             record_key: The entity's serving record.
             record: The record's JSON.
         """
         self._state_keys.append(key)
         self._tokens.append(expected_token)
         self._record_keys.append(record_key)
-        self._state_args.extend((ttl_s, len(fields) // 2, *fields, record))
+        value = self._token_bytes + _dumps({name: state for name, state in states.items() if state})
+        self._state_args.extend((ttl_s, value, record))
 
     def zincrby(self, key: str, expire_at_s: int, amounts: Mapping[str, float]) -> None:
         """Add to members of a sorted set and make it expire at an instant."""
@@ -367,15 +366,6 @@ class _Writes:
             args.append(len(members))
             args.extend(members)
         return len(key_list), [*key_list, *args]
-
-
-def _hashes(replies: Sequence[Sequence[str]]) -> list[dict[str, str]]:
-    # READ_STATES_SCRIPT answers flat [field, value, field, value, ...] lists.
-    out: list[dict[str, str]] = []
-    for flat in replies:
-        pairs = iter(flat)
-        out.append(dict(zip(pairs, pairs, strict=True)))
-    return out
 
 
 @dataclass(slots=True)
@@ -647,11 +637,8 @@ class OnlineFeatureStore:
         if not ids:
             return []
         with self.store.guard():
-            pipe = self.store.client.pipeline(transaction=False)
-            for entity_id in ids:
-                pipe.hget(self.keys.feature_state(view.entity, entity_id), view.name)
-            raw = pipe.execute()
-        return [None if r is None else orjson.loads(r) for r in raw]
+            raw = self.store.client.mget([self.keys.feature_state(view.entity, i) for i in ids])
+        return [None if r is None else orjson.loads(r[TOKEN_LEN:]).get(view.name) for r in raw]
 
     def write_states(
         self, view: FeatureView, states: Mapping[str, State], now: datetime | None = None
@@ -677,17 +664,17 @@ class OnlineFeatureStore:
         state_keys = {eid: self.keys.feature_state(entity, eid) for eid in states}
         for _ in range(self.max_retries + 1):
             with self.store.guard():
-                current = self._read_hashes(list(state_keys.values()))
+                current = self._read_states(list(state_keys.values()))
                 writes = _Writes()
                 ttl_s, stamp = self._record_ttl_s(entity), _iso(at)
                 for eid, key in state_keys.items():
-                    views = self._decode_views(entity, current[key])
+                    token, views = self._decode_state(entity, current[key])
                     views[view.name] = states[eid]
                     writes.state(
                         key,
-                        current[key].get(VERSION_FIELD, ""),
+                        token,
                         ttl_s,
-                        (view.name, _dumps(states[eid])),
+                        views,
                         self.keys.features(entity, eid),
                         self._record(entity, views, at, stamp),
                     )
@@ -698,14 +685,20 @@ class OnlineFeatureStore:
                 return len(states)
         raise ApplyConflict(f"write_states of {len(states)} {view.name} states kept conflicting")
 
-    def _read_hashes(self, keys: Sequence[str]) -> dict[str, dict[str, str]]:
+    def _read_states(self, keys: Sequence[str]) -> dict[str, str | None]:
         if not keys:
             return {}
-        replies = self.store.client.eval(READ_STATES_SCRIPT, len(keys), *keys)
-        return dict(zip(keys, _hashes(replies), strict=True))
+        raw: Any = self.store.client.mget(keys)  # a client decoding replies to str
+        return dict(zip(keys, raw, strict=True))
 
-    def _decode_views(self, entity: EntityType, raw: Mapping[str, str]) -> dict[str, State]:
-        return {v.name: _loads_state(raw[v.name]) if v.name in raw else {} for v in self._views_of(entity)}
+    def _decode_state(self, entity: EntityType, raw: str | None) -> tuple[str, dict[str, State]]:
+        """The version token and every view's state (empty when never folded) of a stored state."""
+        if raw is None:
+            return "", {v.name: {} for v in self._views_of(entity)}
+        stored = orjson.loads(raw[TOKEN_LEN:])
+        return raw[:TOKEN_LEN], {
+            v.name: _Fresh(stored[v.name]) if v.name in stored else {} for v in self._views_of(entity)
+        }
 
     def _record(self, entity: EntityType, states: Mapping[str, State], now: datetime, stamp: str) -> bytes:
         """The serving record of an entity's states: every view's served values, by reference."""
@@ -955,7 +948,7 @@ class OnlineFeatureStore:
                 reader.smismember(marker_set, ids)
             reader.smismember(keys.erased_users(), user_ids)
             if to_read:
-                reader.eval(READ_STATES_SCRIPT, len(to_read), *to_read)
+                reader.mget(to_read)
             replies = reader.execute()
         if decode_catalog is not None:
             items, opted_out = decode_catalog(replies)
@@ -972,7 +965,9 @@ class OnlineFeatureStore:
         if done:
             # An event is done when any partition's marker exists (see features.partitions).
             return [e for e in pending if e.event_id not in done]
-        raw_by_key = dict(zip(to_read, _hashes(replies[n_sets + 1]), strict=True)) if to_read else {}
+        raw_by_key: dict[str, str | None] = (
+            dict(zip(to_read, replies[n_sets + 1], strict=True)) if to_read else {}
+        )
         if routed is None:
             routed = self._plan(pending, items, set(), opted_out)
         state_keys = {entity: self._state_key(*entity) for entity in routed.groups}
@@ -986,7 +981,7 @@ class OnlineFeatureStore:
             more = self._take_cached(late, held)
             if more:
                 with self.store.guard():
-                    raw_by_key.update(self._read_hashes(more))
+                    raw_by_key.update(self._read_states(more))
         erased_by_user = {u: bool(flag) for u, flag in zip(user_ids, erased_flags, strict=True)}
         erased = {u for u, flag in erased_by_user.items() if flag}
         plan = self._plan(pending, items, erased, opted_out) if erased else routed
@@ -1002,19 +997,16 @@ class OnlineFeatureStore:
             key = state_keys[entity]
             hit = held.get(key)
             if hit is None:
-                raw = raw_by_key[key]
-                token, states = raw.get(VERSION_FIELD, ""), self._decode_views(entity_type, raw)
+                token, states = self._decode_state(entity_type, raw_by_key[key])
             else:
                 token, states = hit
-            fields: list[str | bytes] = []
             for name, view_events in by_view.items():
                 states[name] = by_name[name].update(states[name], view_events, items, params)
-                fields.extend((name, _dumps(states[name])))
             writes.state(
                 key,
                 token,
                 self._record_ttl_s(entity_type),
-                fields,
+                states,
                 self._record_key(entity_type, entity_id),
                 self._record(entity_type, states, now, stamp),
             )
