@@ -44,21 +44,22 @@ _known_ids: set[str] = set()
 _known_labels: set[str] = set()
 
 
-def _remember(known: set[str], value: str) -> None:
+def _matches(value: object, pattern: re.Pattern[str], known: set[str]) -> bool:
+    """Whether ``value`` is a string ``pattern`` matches in full; those that are go into ``known``."""
+    if type(value) is not str:
+        return False
+    if value in known:
+        return True
+    if pattern.fullmatch(value) is None:
+        return False
     if len(known) >= _KNOWN_LIMIT:
         known.clear()
     known.add(value)
+    return True
 
 
 def _is_id(value: object) -> TypeGuard[str]:
-    if type(value) is not str:
-        return False
-    if value in _known_ids:
-        return True
-    if _ID_RE.fullmatch(value) is None:
-        return False
-    _remember(_known_ids, value)
-    return True
+    return _matches(value, _ID_RE, _known_ids)
 
 
 def _is_unique_id(value: object) -> TypeGuard[str]:
@@ -67,16 +68,7 @@ def _is_unique_id(value: object) -> TypeGuard[str]:
 
 
 def _is_optional_label(value: object) -> bool:
-    if value is None:
-        return True
-    if type(value) is not str:
-        return False
-    if value in _known_labels:
-        return True
-    if _LABEL_RE.fullmatch(value) is None:
-        return False
-    _remember(_known_labels, value)
-    return True
+    return value is None or _matches(value, _LABEL_RE, _known_labels)
 
 
 def _is_number(value: object) -> TypeGuard[float]:
