@@ -99,11 +99,13 @@ APPLY_SCRIPT: Final = """
 -- ARGV[1..7]: m marker sets, s states, u users, z trending sets, x exclusion sets, the new
 -- version token, the markers' TTL. KEYS: the m marker sets, the s states, the erased-user set
 -- when u > 0, the s serving records (one per state, same entity), the z trending sets, the x
--- exclusion sets. ARGV then holds, per marker set, its event count n and n event ids; the s
+-- exclusion sets (each with its epoch's predecessor and successor, so three keys per set).
+-- ARGV then holds, per marker set, its event count n and n event ids; the s
 -- expected version tokens ('' for a state that does not exist), the u user ids and their u
 -- expected erased flags ('0' or '1'); per state its TTL, its new value (starting with the new
--- token) and the serving record; per trending set its EXPIREAT instant, member count n and n
--- increment/member pairs; per exclusion set its member count n and n members.
+-- token) and the serving record; per trending set its and its successor's EXPIREAT instants,
+-- the carry factor between epochs (features.trending), member count n and n increment/member
+-- pairs; per exclusion set its member count n and n members.
 -- Each key is sent once, each state written with one SET, and the markers and erased flags
 -- are checked with one multi-member command per chunk: the script's cost is mostly per
 -- argument and per command. Chunks keep each unpack within Lua's limit on values.
@@ -150,13 +152,26 @@ for i = 1, s do
   k = k + 1
 end
 for _ = 1, z do
-  local key, at, n = KEYS[k], ARGV[a], tonumber(ARGV[a + 1])
-  a = a + 2
+  local key, previous, following = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+  local at, following_at, carry, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
+  a = a + 4
+  if redis.call('EXISTS', key) == 0 then
+    -- The epoch's first write: it starts from the previous epoch's set, rescaled.
+    redis.call('ZUNIONSTORE', key, 1, previous, 'WEIGHTS', carry)
+  end
+  -- Late events of an epoch whose successor has begun count there too, rescaled.
+  local late = redis.call('EXISTS', following) == 1
+  local factor = tonumber(carry)
   for _ = 1, n do
-    redis.call('ZINCRBY', key, ARGV[a], ARGV[a + 1]); a = a + 2
+    redis.call('ZINCRBY', key, ARGV[a], ARGV[a + 1])
+    if late then
+      redis.call('ZINCRBY', following, string.format('%.17g', tonumber(ARGV[a]) * factor), ARGV[a + 1])
+    end
+    a = a + 2
   end
   redis.call('EXPIREAT', key, at)
-  k = k + 1
+  if late then redis.call('EXPIREAT', following, following_at) end
+  k = k + 3
 end
 for _ = 1, x do
   local n = tonumber(ARGV[a])
@@ -279,7 +294,9 @@ class _Writes:
         self._tokens: list[str] = []
         self._record_keys: list[str] = []
         self._state_args: list[_Arg] = []
-        self._trending: dict[str, tuple[int, list[_Arg]]] = {}
+        # Set key to its predecessor's and successor's keys, their EXPIREAT instants, the carry
+        # factor and the increment/member pairs.
+        self._trending: dict[str, tuple[str, str, int, int, str, list[_Arg]]] = {}
         self._exclusions: dict[str, list[str]] = {}
 
     def state(
@@ -308,15 +325,30 @@ class _Writes:
         value = self._token_bytes + _dumps({name: state for name, state in states.items() if state})
         self._state_args.extend((ttl_s, value, record))
 
-    def zincrby(self, key: str, expire_at_s: int, amounts: Mapping[str, float]) -> None:
-        """Add to members of a sorted set and make it expire at an instant."""
+    def trending(
+        self,
+        scope: TrendingScope,
+        epoch: int,
+        amounts: Mapping[str, float],
+        keys: RedisKeys,
+        params: FeatureParams,
+    ) -> None:
+        """Add to the members of a scope's trending set of an epoch (see :mod:`features.trending`)."""
+        key = scope.key(keys, epoch)
         args: list[_Arg] = []
         for member, amount in amounts.items():
             # repr keeps every digit of the double, as redis-py's own ZINCRBY encoding does.
             args.extend((repr(float(amount)), member))
         if key in self._trending:
-            args = [*self._trending[key][1], *args]
-        self._trending[key] = (expire_at_s, args)
+            args = [*self._trending[key][-1], *args]
+        self._trending[key] = (
+            scope.key(keys, max(epoch - 1, 0)),
+            scope.key(keys, epoch + 1),
+            trending.expire_at_s(epoch, params),
+            trending.expire_at_s(epoch + 1, params),
+            repr(trending.carry_factor(params)),
+            args,
+        )
 
     def sadd(self, key: str, member: str) -> None:
         """Add a member to a set."""
@@ -339,7 +371,11 @@ class _Writes:
             *self._state_keys,
             *([keys.erased_users()] if users else []),
             *self._record_keys,
-            *self._trending,
+            *(
+                k
+                for key, (previous, following, *_) in self._trending.items()
+                for k in (key, previous, following)
+            ),
             *self._exclusions,
         ]
         args: list[_Arg] = [
@@ -360,8 +396,8 @@ class _Writes:
             *("1" if erased_by_user[u] else "0" for u in users),
             *self._state_args,
         ]
-        for at_s, pairs in self._trending.values():
-            args.extend((at_s, len(pairs) // 2, *pairs))
+        for _previous, _following, at_s, following_at_s, carry, pairs in self._trending.values():
+            args.extend((at_s, following_at_s, carry, len(pairs) // 2, *pairs))
         for members in self._exclusions.values():
             args.append(len(members))
             args.extend(members)
@@ -590,10 +626,23 @@ class OnlineFeatureStore:
             ``(item_id, decayed weight as of now)``, highest first.
         """
         now_s = (now or self._clock()).timestamp()
-        epoch = trending.epoch_of(now_s, self.params)
+        rows: Any = []
         with self.store.guard():
-            rows = self.store.client.zrevrange(scope.key(self.keys, epoch), 0, limit - 1, withscores=True)
+            for epoch in self._trend_epochs(now_s):
+                rows = self.store.client.zrevrange(scope.key(self.keys, epoch), 0, limit - 1, withscores=True)
+                if rows:
+                    break
         return self._scored(rows, epoch, now_s)
+
+    def _trend_epochs(self, now_s: float) -> tuple[int, ...]:
+        """The epochs whose trending sets to read, in turn, until one has members.
+
+        The current one, then the previous: a scope's set of an epoch starts from the previous
+        one's at the epoch's first event there (see :mod:`features.trending`), so until then the
+        previous set is the trend.
+        """
+        epoch = trending.epoch_of(now_s, self.params)
+        return (epoch, epoch - 1) if epoch > 0 else (epoch,)
 
     def _scored(self, rows: Any, epoch: int, now_s: float) -> list[tuple[str, float]]:
         return [(str(m), trending.current_score(float(s), epoch, now_s, self.params)) for m, s in rows]
@@ -603,8 +652,13 @@ class OnlineFeatureStore:
     ) -> list[tuple[str, float]]:
         """Async :meth:`top_trending` on the asyncio pool."""
         now_s = (now or self._clock()).timestamp()
-        epoch = trending.epoch_of(now_s, self.params)
-        rows = await self.store.aclient.zrevrange(scope.key(self.keys, epoch), 0, limit - 1, withscores=True)
+        rows: Any = []
+        for epoch in self._trend_epochs(now_s):
+            rows = await self.store.aclient.zrevrange(
+                scope.key(self.keys, epoch), 0, limit - 1, withscores=True
+            )
+            if rows:
+                break
         return self._scored(rows, epoch, now_s)
 
     def record_exclusion(self, user_id: str, item_id: str) -> bool:
@@ -1013,7 +1067,7 @@ class OnlineFeatureStore:
             written.append((key, states))
         if self._trending:
             for (scope, epoch), amounts in trending.increments(plan.events, items, params).items():
-                writes.zincrby(scope.key(keys, epoch), trending.expire_at_s(epoch, params), amounts)
+                writes.trending(scope, epoch, amounts, keys, params)
         if self._exclusions:
             for event in plan.events:
                 if event.kind in _NEGATIVE_KINDS:

@@ -8,10 +8,15 @@ half-lives (256 days at 6 h). Hence landmark epochs:
 
 - time is cut into epochs of ``trending_epoch_s``; epoch ``E`` has landmark ``t0 = E * epoch_s``
   and its own sorted set per scope;
-- an event in epoch ``E`` is added to the sets of ``E`` and ``E + 1`` (each with its own
-  landmark), so when ``E + 1`` begins its set already holds the recent past and the trend is
-  continuous across the boundary;
-- readers use the set of the epoch ``now`` falls in; a set expires once its epoch is over.
+- an event in epoch ``E`` is added to the set of ``E``. The first write to a scope's set of
+  ``E + 1`` starts it as the set of ``E`` rescaled to the new landmark (one ``ZUNIONSTORE`` with
+  weight :func:`carry_factor`), so the trend is continuous across the boundary; an event of
+  ``E`` that arrives after that is added to both. (Writing every event to both sets, as an
+  earlier version did, cost twice the ``ZINCRBY`` calls, the largest part of the stream
+  processor's Redis time.) The commit script does both, atomically with the rest of a batch
+  (:mod:`features.online_store`);
+- readers use the set of the epoch ``now`` falls in, or the previous epoch's while the new one
+  has had no event yet; a set expires a day after its epoch is over.
 
 Within a set the factors stay between ``2 ** -(epoch / half_life)`` and ``2 ** (epoch / half_life)``
 (``2 ** ±28`` with the defaults), well inside double precision. A score converts to "decayed
@@ -107,6 +112,11 @@ def forward_weight(weight: float, ts_s: float, epoch: int, params: FeatureParams
     return weight * math.exp2((ts_s - landmark_s(epoch, params)) / params.trending_half_life_s)
 
 
+def carry_factor(params: FeatureParams) -> float:
+    """What a score of one epoch's set is multiplied by to count in the next epoch's set."""
+    return math.exp2(-params.trending_epoch_s / params.trending_half_life_s)
+
+
 def current_score(score: float, epoch: int, now_s: float, params: FeatureParams) -> float:
     """A stored score of ``epoch``'s set as decayed weight as of ``now_s``."""
     return score * math.exp2((landmark_s(epoch, params) - now_s) / params.trending_half_life_s)
@@ -127,7 +137,7 @@ def scopes_of(event: EventRecord, items: ItemLookup) -> list[TrendingScope]:
 def increments(
     events: Iterable[EventRecord], items: ItemLookup, params: FeatureParams
 ) -> dict[tuple[TrendingScope, int], dict[str, float]]:
-    """The ``ZINCRBY`` amounts a batch of events adds, summed per set and item.
+    """The ``ZINCRBY`` amounts a batch adds to the sets of its events' epochs, summed per set and item.
 
     Args:
         events: The batch (each event once).
@@ -138,7 +148,7 @@ def increments(
         ``(scope, epoch)`` to item id to increment; events of zero weight add nothing.
     """
     # Summed under plain (kind, value, epoch) keys: hashing a TrendingScope runs Python code, and
-    # this loop touches six sets per event. Each distinct set becomes a TrendingScope once, below.
+    # this loop touches three sets per event. Each distinct set becomes a TrendingScope once, below.
     sums: dict[tuple[str, str | None, int], dict[str, float]] = {}
     for event in events:
         weight = params.trending_weight(event.event_type, event.watch_time_s)
@@ -155,11 +165,10 @@ def increments(
             scopes.append((_REGION, region))
         if item is not None:
             scopes.append((_CATEGORY, item.category))
-        for target in (epoch, epoch + 1):
-            amount = forward_weight(weight, ts_s, target, params)
-            for kind, value in scopes:
-                amounts = sums.setdefault((kind, value, target), {})
-                amounts[item_id] = amounts.get(item_id, 0.0) + amount
+        amount = forward_weight(weight, ts_s, epoch, params)
+        for kind, value in scopes:
+            amounts = sums.setdefault((kind, value, epoch), {})
+            amounts[item_id] = amounts.get(item_id, 0.0) + amount
     return {(_scope(kind, value), target): amounts for (kind, value, target), amounts in sums.items()}
 
 

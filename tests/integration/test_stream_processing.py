@@ -11,7 +11,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from core.schema import (
 )
 from core.settings import Settings
 from core.tables import EVENTS, IMPRESSIONS
+from features import trending
 from features.definitions import ITEM_ENGAGEMENT, USER_ACTIVITY
 from features.lake_writer import LakeWriter
 from features.metrics import StreamMetrics
@@ -190,6 +191,64 @@ def test_a_like_through_the_stream_updates_user_item_creator_and_trending(
         "rayrec_stream_entries_processed_total", {"group": "features", "outcome": "applied"}
     )
     assert applied == 1.0
+
+
+def _trend(online: OnlineFeatureStore, at_s: float) -> dict[str, float]:
+    now = datetime.fromtimestamp(at_s, UTC)
+    return dict(online.top_trending(TrendingScope.everywhere(), 10, now))
+
+
+def _like(item_id: str, at_s: float, n: int) -> EventRecord:
+    return EventRecord(
+        event_id=f"trend-{n}",
+        user_id=f"user-{n}",
+        item_id=item_id,
+        event_type=EventType.LIKE,
+        ts=datetime.fromtimestamp(at_s, UTC),
+    )
+
+
+def test_a_new_trending_epoch_starts_from_the_last_and_late_events_reach_both(store: RedisStore) -> None:
+    items = put_items(store, 3)
+    online = OnlineFeatureStore(store)
+    params = online.params
+    # The current epoch and the next: a set expires a day after its epoch is over.
+    epoch = trending.epoch_of(utcnow().timestamp(), params)
+    start = trending.landmark_s(epoch + 1, params)  # the boundary between epoch and epoch + 1
+    hour = 3600.0
+    online.apply_events([_like(items[0], start - 2 * hour, 0)])
+    # A new epoch without an event yet: readers take the last epoch's set.
+    assert not store.client.exists(TrendingScope.everywhere().key(store.keys, epoch + 1))
+    assert _trend(online, start + hour) == pytest.approx({items[0]: 3.0 / 2**0.5}, rel=1e-9)
+    # Its first event carries the last epoch over, rescaled to the new landmark.
+    online.apply_events([_like(items[1], start + hour, 1)])
+    assert _trend(online, start + hour) == pytest.approx({items[0]: 3.0 / 2**0.5, items[1]: 3.0}, rel=1e-9)
+    # A late event of the last epoch counts in both sets.
+    online.apply_events([_like(items[2], start - hour, 2)])
+    expected = {items[0]: 3.0 / 2**0.5, items[1]: 3.0, items[2]: 3.0 / 2 ** (1 / 3)}
+    assert _trend(online, start + hour) == pytest.approx(expected, rel=1e-9)
+    late = dict(online.top_trending(TrendingScope.everywhere(), 10, datetime.fromtimestamp(start - 1, UTC)))
+    assert set(late) == {items[0], items[2]}
+    for key in (epoch, epoch + 1):
+        assert store.client.ttl(TrendingScope.everywhere().key(store.keys, key)) > 0
+
+
+def test_a_trending_set_written_before_carries_nothing_over_again(store: RedisStore) -> None:
+    # Sets that earlier versions filled by writing every event to its epoch and the next already
+    # hold the last epoch: their first write now must not add it a second time.
+    items = put_items(store, 2)
+    online = OnlineFeatureStore(store)
+    params = online.params
+    # The current epoch and the next: a set expires a day after its epoch is over.
+    epoch = trending.epoch_of(utcnow().timestamp(), params)
+    start = trending.landmark_s(epoch + 1, params)
+    online.apply_events([_like(items[0], start - 3600.0, 0)])
+    old = TrendingScope.everywhere().key(store.keys, epoch)
+    new = TrendingScope.everywhere().key(store.keys, epoch + 1)
+    store.client.zunionstore(new, {old: trending.carry_factor(params)})
+    online.apply_events([_like(items[1], start + 3600.0, 1)])
+    expected = {items[0]: 3.0 / 2 ** (1 / 3), items[1]: 3.0}
+    assert _trend(online, start + 3600.0) == pytest.approx(expected, rel=1e-9)
 
 
 def test_a_changed_catalog_record_reaches_the_next_batch(store: RedisStore, metrics: StreamMetrics) -> None:

@@ -371,17 +371,21 @@ def test_params_are_strict() -> None:
 # -- trending sets ------------------------------------------------------------------------------
 
 
-def test_trending_increments_use_forward_decay_in_two_epochs() -> None:
+def test_trending_increments_use_forward_decay_in_the_events_epoch() -> None:
     event = ev("i4", EventType.SHARE, T0, region="us")
     amounts = trending.increments([event], ITEMS, P)
     epoch = trending.epoch_of(event.ts_s, P)
     scopes = {scope for scope, _ in amounts}
     assert scopes == {TrendingScope.everywhere(), TrendingScope.region("us"), TrendingScope.category("news")}
-    assert {e for _, e in amounts} == {epoch, epoch + 1}
-    for (_, target), per_item in amounts.items():
-        # Read back from either set, the score is the event's weight decayed to "now".
-        now = event.ts_s + 6 * 3600
-        assert trending.current_score(per_item["i4"], target, now, P) == pytest.approx(2.5)
+    assert {e for _, e in amounts} == {epoch}
+    now = event.ts_s + 6 * 3600
+    for per_item in amounts.values():
+        # Read back, the score is the event's weight decayed to "now".
+        assert trending.current_score(per_item["i4"], epoch, now, P) == pytest.approx(2.5)
+        # Carried into the next epoch's set, it reads back the same from there.
+        carried = per_item["i4"] * trending.carry_factor(P)
+        assert carried == pytest.approx(trending.forward_weight(5.0, event.ts_s, epoch + 1, P), rel=1e-12)
+        assert trending.current_score(carried, epoch + 1, now, P) == pytest.approx(2.5)
     assert trending.increments([ev("i4", EventType.HIDE, T0)], ITEMS, P) == {}
 
 
