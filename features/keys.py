@@ -140,7 +140,7 @@ class RedisKeys:
         than one set: they expire instead of growing without bound.
         """
         if bucket < 0:
-            raise ValueError(f"a processed-marker bucket is not negative, not {bucket}")
+            raise ValueError(f"a processed-marker bucket is never negative, not {bucket}")
         return f"{self.processed_prefix(partition)}{bucket}"
 
     def processed_prefix(self, partition: str) -> str:

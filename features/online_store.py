@@ -96,23 +96,23 @@ TOKEN_LEN: Final = 32
 
 APPLY_SCRIPT: Final = """
 -- Checks, then writes; nothing is written unless every check passes.
--- ARGV[1..7]: m marker sets, s states, u users, z trending sets, x exclusion sets, the new
--- version token, the markers' TTL. KEYS: the m marker sets, the s states, the erased-user set
--- when u > 0, the s serving records (one per state, same entity), the z trending sets, the x
--- exclusion sets (each with its epoch's predecessor and successor, so three keys per set).
--- ARGV then holds, per marker set, its event count n and n event ids; the s
--- expected version tokens ('' for a state that does not exist), the u user ids and their u
--- expected erased flags ('0' or '1'); per state its TTL, its new value (starting with the new
--- token) and the serving record; per trending set its and its successor's EXPIREAT instants,
--- the carry factor between epochs (features.trending), member count n and n increment/member
--- pairs; per exclusion set its member count n and n members.
--- Each key is sent once, each state written with one SET, and the markers and erased flags
--- are checked with one multi-member command per chunk: the script's cost is mostly per
--- argument and per command. Chunks keep each unpack within Lua's limit on values.
+-- ARGV[1..6]: m marker sets, s states, u users, z trending sets, x exclusion sets, the markers'
+-- TTL (each state's new value carries its new version token). KEYS: the m marker sets, the s
+-- states, the erased-user set when u > 0, the s serving records (one per state, same entity),
+-- the z trending sets each followed by its epoch's predecessor and successor, the x exclusion
+-- sets. ARGV then holds, per marker set, its event count n and n event ids; the s expected
+-- version tokens ('' for a state that does not exist), the u user ids and their u expected
+-- erased flags ('0' or '1'); per state its TTL, its new value (starting with the new token) and
+-- the serving record; per trending set its and its successor's EXPIREAT instants, the carry
+-- factor between epochs (features.trending), member count n and n increment/member pairs; per
+-- exclusion set its member count n and n members.
+-- Each state is written with one SET, and the markers and erased flags are checked with one
+-- multi-member command per chunk: the script's cost is mostly per argument and per command.
+-- Chunks keep each unpack within Lua's limit on values.
 local m, s, u = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local z, x = tonumber(ARGV[4]), tonumber(ARGV[5])
-local marker_ttl = ARGV[7]
-local a = 8
+local marker_ttl = ARGV[6]
+local a = 7
 local chunk = 1000
 local ids_at, done = {}, {}
 for i = 1, m do
@@ -384,7 +384,6 @@ class _Writes:
             len(users),
             len(self._trending),
             len(self._exclusions),
-            self.token,
             marker_ttl_s,
         ]
         for ids in markers.values():
@@ -1085,8 +1084,8 @@ class OnlineFeatureStore:
         markers: dict[str, list[str]] = {}
         for prefix in self._marker_prefixes:
             for event in events:
-                # As marker_bucket does; event ids are validated non-empty.
-                marker_set = prefix + str(int(event.ts_s // PROCESSED_BUCKET_S))
+                # Event ids are validated non-empty.
+                marker_set = prefix + str(marker_bucket(event.ts_s))
                 markers.setdefault(marker_set, []).append(event.event_id)
         return markers
 
