@@ -81,15 +81,18 @@ class ExplorationPolicy:
         slots = np.flatnonzero(rng.random(limit) < self.share).tolist()
         listed = list(shown)
         explored: set[str] = set()
+        draws = self.sampler.draws(rng, pool) if slots else None
         for slot in slots:
             if slot > len(listed):
                 break
             blocked = self._blocked(listed, slot)
-            eligible = [c for c in pool if c.item_id not in explored and creator_of(c) not in blocked]
-            if not eligible:
+            eligible = [
+                k for k, c in enumerate(pool) if c.item_id not in explored and creator_of(c) not in blocked
+            ]
+            if not eligible or draws is None:
                 continue
-            index, probability = self.sampler.choose(rng, eligible)
-            chosen = eligible[index]
+            index, probability = draws.choose(rng, eligible)
+            chosen = pool[eligible[index]]
             chosen.propensity *= self.share * probability
             chosen.features = chosen.features.with_values({RERANK_EXPLORATION: True})
             explored.add(chosen.item_id)

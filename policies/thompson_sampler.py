@@ -68,8 +68,60 @@ class ThompsonSampler:
         """
         if not cands:
             raise ValueError("cannot choose among no candidates")
-        alpha, beta = self.posterior(cands)
-        draws = rng.beta(alpha, beta, size=(self.mc_samples, len(cands)))
-        winners = np.argmax(draws, axis=1)
-        chosen = int(winners[0])
-        return chosen, float(np.count_nonzero(winners == chosen)) / self.mc_samples
+        return self.draws(rng, cands).choose(rng, range(len(cands)))
+
+    def draws(self, rng: np.random.Generator, pool: Sequence[Candidate]) -> PoolDraws:
+        """Posteriors and Monte-Carlo draws of a pool, for several choices among its members.
+
+        A request fills several exploration slots from one pool, each among what is still
+        eligible there. Drawing the estimate's ``mc_samples - 1`` joint samples once per pool,
+        rather than once per slot, is what makes the bandit cheap enough to run per request:
+        the beta draws were most of the re-ranking stage's CPU. Each slot still decides with a
+        draw of its own; the slots' estimates share samples, so they are correlated, but each
+        keeps the bias and error bounds of :meth:`choose`.
+
+        Args:
+            rng: The request's generator.
+            pool: The candidates choices will be made among.
+        """
+        alpha, beta = self.posterior(pool)
+        return PoolDraws(alpha, beta, rng.beta(alpha, beta, size=(self.mc_samples - 1, len(pool))))
+
+
+class PoolDraws:
+    """One pool's posteriors and shared Monte-Carlo samples (see :meth:`ThompsonSampler.draws`).
+
+    Args:
+        alpha: Each member's posterior alpha.
+        beta: Each member's posterior beta.
+        samples: ``(mc_samples - 1, len(pool))`` joint draws from the posteriors.
+    """
+
+    def __init__(
+        self, alpha: NDArray[np.float64], beta: NDArray[np.float64], samples: NDArray[np.float64]
+    ) -> None:
+        self._alpha = alpha
+        self._beta = beta
+        self._samples = samples
+
+    def choose(self, rng: np.random.Generator, members: Sequence[int]) -> tuple[int, float]:
+        """Pick one of some pool members by a fresh draw.
+
+        Args:
+            rng: The request's generator.
+            members: Indexes into the pool of the eligible members (at least one).
+
+        Returns:
+            ``(position in members of the winner, estimated probability it had of winning)``;
+            the estimate counts the deciding draw and each shared sample the winner also wins,
+            so it is in ``[1 / mc_samples, 1]``.
+
+        Raises:
+            ValueError: ``members`` is empty.
+        """
+        if not members:
+            raise ValueError("cannot choose among no candidates")
+        idx = np.asarray(members, dtype=np.intp)
+        chosen = int(np.argmax(rng.beta(self._alpha[idx], self._beta[idx])))
+        wins = 1 + int(np.count_nonzero(np.argmax(self._samples[:, idx], axis=1) == chosen))
+        return chosen, wins / (self._samples.shape[0] + 1)

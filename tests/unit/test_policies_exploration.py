@@ -111,3 +111,33 @@ def test_monte_carlo_selection_probability_matches_a_symmetric_pool() -> None:
 def test_exploration_share_must_leave_room_for_exploitation(share: float) -> None:
     with pytest.raises(ValueError):
         ExplorationPolicy(share=share)
+
+
+def test_shared_pool_draws_estimate_each_subset_of_a_symmetric_pool() -> None:
+    pool = [cand(f"twin{k}", 1.0) for k in range(6)]
+    sampler = ThompsonSampler(mc_samples=2000)
+    rng = np.random.default_rng(5)
+    draws = sampler.draws(rng, pool)
+    for members in ([0, 1, 2, 3, 4, 5], [1, 3, 5], [2, 4]):
+        estimates = [draws.choose(rng, members)[1] for _ in range(10)]
+        assert np.mean(estimates) == pytest.approx(1 / len(members), abs=0.03)
+    index, _ = draws.choose(rng, [4])
+    assert index == 0, "a single eligible member always wins"
+    with pytest.raises(ValueError):
+        draws.choose(rng, [])
+
+
+def test_shared_pool_draws_prefer_the_uncertain_member_among_the_eligible() -> None:
+    proven_dud = {"item_engagement:view_count_7d": 5000, "item_engagement:click_count_7d": 50}
+    brand_new = {"item_engagement:view_count_7d": 0, "item_engagement:click_count_7d": 0}
+    pool = [
+        cand("dud", 1.0, extra=proven_dud),
+        cand("other", 1.0, extra=proven_dud),
+        cand("new", 0.5, extra=brand_new),
+    ]
+    rng = np.random.default_rng(11)
+    draws = ThompsonSampler().draws(rng, pool)
+    picks = [draws.choose(rng, [0, 2])[0] for _ in range(300)]
+    assert picks.count(1) > picks.count(0), "position 1 of the members is the new item"
+    _, estimate = draws.choose(rng, [0, 1])
+    assert 1 / 256 <= estimate <= 1.0
