@@ -32,7 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from core.pipeline import PipelineResult, PipelineRunner, SurfacePipeline
+from core.pipeline import (
+    FilterStateError,
+    PipelineResult,
+    PipelineRunner,
+    SkipReason,
+    SourceFailedError,
+    SurfacePipeline,
+)
 from core.schema import ExperimentArm, RecommendationLogEntry, ServedItem, utcnow
 from core.stages import CandidateSource, FeatureHydrator, Scorer
 from core.types import Candidate, RequestContext
@@ -118,6 +125,13 @@ class ModelGateway(Protocol):
     def model_status(self) -> Awaitable[dict[str, Any]]:
         """What each model deployment serves, by deployment."""
         ...
+
+
+def _late(error: BaseException) -> bool:
+    """Whether a pipeline failed only because something was late."""
+    if isinstance(error, TimeoutError):
+        return True
+    return isinstance(error, SourceFailedError | FilterStateError) and error.reason is SkipReason.TIMEOUT
 
 
 class UnknownSurfaceError(ValueError):
@@ -470,7 +484,11 @@ class RecommendationService:
             if not result.candidates:
                 raise EmptyListError(f"surface {query.surface} produced no candidates")
         except Exception as exc:  # every failure of the pipeline has the same answer: a fallback
-            logger.warning(
+            # Lateness is routine under load and counted with the fallback (as the runner treats
+            # a late stage); a warning per late request cost the overloaded replica more CPU,
+            # since a replica's log lines go through Serve's stderr capture, which walks the stack.
+            logger.log(
+                logging.DEBUG if _late(exc) else logging.WARNING,
                 "request %s on %s failed (%s: %s); serving a fallback",
                 request_id,
                 query.surface,
