@@ -411,7 +411,7 @@ class RecommendationService:
 
     async def _refresh_catalog(self) -> None:
         try:
-            index = await asyncio.to_thread(ContentIndex.load, self._store)
+            index = await asyncio.to_thread(ContentIndex.load, self._store, previous=self._content_index)
         except Exception as exc:  # Redis down: keep the previous index, try again later
             logger.warning("content index not refreshed: %s", exc)
             return

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -423,6 +423,30 @@ def test_item_records_are_reused_for_their_ttl_then_read_again(world: World) -> 
     assert within[0] == first[0], "within the TTL the record read before is used"
     assert within[1] == (12_345, 0.125), "without a TTL every request reads the record"
     assert after[0] == (12_345, 0.125), "after the TTL the record is read again"
+
+
+def test_content_index_reload_decodes_only_changed_records(world: World, store: RedisStore) -> None:
+    keys = store.keys
+    first = world.index
+    assert len(first.digests) == world.n_items
+    changed, removed = item_id(1), item_id(2)
+    record = json.loads(cast(str, store.client.get(keys.item(changed))))
+    record["category"] = "opera"
+    store.client.set(keys.item(changed), json.dumps(record))
+    gone = json.loads(cast(str, store.client.get(keys.item(removed))))
+    gone["status"] = "removed"
+    store.client.set(keys.item(removed), json.dumps(gone))
+
+    again = ContentIndex.load(store, previous=first)
+
+    assert again.entries[changed].category == "opera" and again.category("opera") == (changed,)
+    assert removed not in again.entries and removed not in again.digests
+    kept = [k for k in first.entries if k not in (changed, removed)]
+    assert all(again.entries[k] is first.entries[k] for k in kept), "unchanged records are not decoded again"
+    assert again.by_category.keys() - {"opera"} == first.by_category.keys()
+    fresh = ContentIndex.load(store)
+    assert fresh.entries == again.entries and fresh.by_tag == again.by_tag
+    assert fresh.by_category == again.by_category
 
 
 def test_a_negative_record_ttl_is_refused(store: RedisStore) -> None:
