@@ -904,7 +904,7 @@ class OnlineFeatureStore:
             opted_out = {
                 u
                 for u, r in zip(user_ids, user_raw, strict=True)
-                if r is not None and not _personalized(_loads_record(r))
+                if r is not None and _may_opt_out(r) and not _personalized(_loads_record(r))
             }
             return self._cached_infos(item_ids, item_raw), opted_out
 
@@ -1217,6 +1217,12 @@ class OnlineFeatureStore:
 
 
 _NEGATIVE_KINDS: Final = frozenset(t.value for t in NEGATIVE_FEEDBACK)
+
+
+def _may_opt_out(raw: str) -> bool:
+    # An opt-out is the JSON literal false, so a profile without that text anywhere keeps the
+    # default; only the others are decoded (most profiles, every batch, in the users partition).
+    return "false" in raw
 
 
 def _personalized(user_record: Mapping[str, Any]) -> bool:

@@ -6,6 +6,7 @@ Ray is started only for the actor test (session fixture below, two CPUs, no dash
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 import time
@@ -323,17 +324,22 @@ def test_negative_feedback_lands_in_the_exclusion_set(store: RedisStore, metrics
 def test_erased_and_opted_out_users_keep_no_behaviour_features(store: RedisStore) -> None:
     items = put_items(store, 2)
     store.mset_json({store.keys.user("quiet"): {"user_id": "quiet", "personalization": False}})
+    # Written by other code, with the standard library's spacing: still an opt-out.
+    store.client.set(store.keys.user("spaced"), json.dumps({"user_id": "spaced", "personalization": False}))
+    store.client.set(store.keys.user("kept"), json.dumps({"user_id": "kept", "personalization": True}))
     store.client.sadd(store.keys.erased_users(), "gone")
     online = OnlineFeatureStore(store)
+    users = ("quiet", "spaced", "gone", "kept", "normal")
     events = [
         EventRecord.from_event(UserEvent(user_id=u, item_id=items[0], event_type=EventType.CLICK))
-        for u in ("quiet", "gone", "normal")
+        for u in users
     ]
     result = online.apply_events(events)
-    assert (result.applied, result.skipped) == (2, 1)
-    assert online.get_serving(EntityType.USER, ["quiet", "gone", "normal"])[:2] == [None, None]
-    assert served(store, EntityType.ITEM, [items[0]])[0]["item_engagement:click_count_1h"] == 2
-    assert online.apply_events(events).duplicates == 3
+    assert (result.applied, result.skipped) == (4, 1)
+    records = online.get_serving(EntityType.USER, list(users))
+    assert records[:3] == [None, None, None] and None not in records[3:]
+    assert served(store, EntityType.ITEM, [items[0]])[0]["item_engagement:click_count_1h"] == 4
+    assert online.apply_events(events).duplicates == 5
 
 
 def test_offline_states_load_into_the_online_store(store: RedisStore) -> None:
