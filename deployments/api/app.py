@@ -82,13 +82,16 @@ def create_app(services: ApiServices, *, stream_metrics: StreamMetrics | None = 
     rate_limit.install(app)
     refusals.document(app)
 
+    # A request is matched against the routes in this order, one regex each, so the two hot
+    # paths come first (no path of theirs overlaps a later one): at 50 requests/s route matching
+    # was about 2 % of an ingress replica's event loop with the recommendations route seventh.
+    app.include_router(recommendations.router)
+    app.include_router(events.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
-    app.include_router(events.router)
     app.include_router(catalog.router)
     app.include_router(controls.admin)
     app.include_router(controls.user_controls)
-    app.include_router(recommendations.router)
     app.include_router(recommendations.admin)
     app.include_router(experiments.admin)
     return app
