@@ -75,8 +75,8 @@ class ThompsonSampler:
 
         A request fills several exploration slots from one pool, each among what is still
         eligible there. Drawing the estimate's ``mc_samples - 1`` joint samples once per pool,
-        rather than once per slot, is what makes the bandit cheap enough to run per request:
-        the beta draws were most of the re-ranking stage's CPU. Each slot still decides with a
+        rather than once per slot, halves the bandit's cost at the default share: the beta
+        draws were the largest part of the re-ranking stage's CPU. Each slot still decides with a
         draw of its own; the slots' estimates share samples, so they are correlated, but each
         keeps the bias and error bounds of :meth:`choose`.
 
