@@ -1081,12 +1081,12 @@ class OnlineFeatureStore:
 
     def _markers(self, events: Sequence[EventRecord]) -> dict[str, list[str]]:
         """Each processed-marker set some events belong in, with their ids, partition by partition."""
+        buckets = [str(marker_bucket(event.ts_s)) for event in events]
         markers: dict[str, list[str]] = {}
         for prefix in self._marker_prefixes:
-            for event in events:
+            for event, bucket in zip(events, buckets, strict=True):
                 # Event ids are validated non-empty.
-                marker_set = prefix + str(marker_bucket(event.ts_s))
-                markers.setdefault(marker_set, []).append(event.event_id)
+                markers.setdefault(prefix + bucket, []).append(event.event_id)
         return markers
 
     def _keys_without_catalog(self, events: Sequence[EventRecord]) -> list[str]:

@@ -10,7 +10,7 @@ from core.types import Candidate, RequestContext
 from features.candidate_refs import RERANK_EXPLORATION
 from policies.creator_cap_policy import creator_of
 from policies.sponsored_marks import split_sponsored
-from policies.thompson_sampler import ThompsonSampler
+from policies.thompson_sampler import PoolDraws, ThompsonSampler
 from policies.window_cap import fits_at
 
 
@@ -81,7 +81,7 @@ class ExplorationPolicy:
         slots = np.flatnonzero(rng.random(limit) < self.share).tolist()
         listed = list(shown)
         explored: set[str] = set()
-        draws = self.sampler.draws(rng, pool) if slots else None
+        draws: PoolDraws | None = None  # drawn at the first slot with a choice to make
         for slot in slots:
             if slot > len(listed):
                 break
@@ -89,8 +89,10 @@ class ExplorationPolicy:
             eligible = [
                 k for k, c in enumerate(pool) if c.item_id not in explored and creator_of(c) not in blocked
             ]
-            if not eligible or draws is None:
+            if not eligible:
                 continue
+            if draws is None:
+                draws = self.sampler.draws(rng, pool)
             index, probability = draws.choose(rng, eligible)
             chosen = pool[eligible[index]]
             chosen.propensity *= self.share * probability
