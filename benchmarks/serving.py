@@ -21,6 +21,7 @@ on it. Then, on a local Ray of 2 CPUs:
 
     python -m benchmarks.serving --home var/bench --namespace bench --prepare
     python -m benchmarks.serving --home var/bench --namespace bench --rates 50,100 --duration 20
+    python -m benchmarks.serving --home var/bench --namespace bench --model-placement ingress
 
 Results go to ``benchmarks/results/serving.json``. The load generator runs on the same two cores
 as the server; the JSON records the load average before and after, and figures are comparable
@@ -271,16 +272,20 @@ def serve_graph(settings: Settings, users: list[str], args: argparse.Namespace) 
     }
     if args.serving:
         base["serving"] = args.serving
+    in_ingress = args.model_placement == "ingress"
+    if in_ingress:
+        base["model_placement"] = "ingress"
     deploy(serve_config(APP, base, host="127.0.0.1", port=port, env_vars={"RAYREC_ADMIN_TOKEN": TOKEN}))
     try:
-        handle = serve.get_deployment_handle("retrieval", APP)
-        for _ in range(20):
-            handle.ping.remote().result()
         hops = []
-        for _ in range(200):
-            started = time.perf_counter()
-            handle.ping.remote().result()
-            hops.append((time.perf_counter() - started) * 1000)
+        if not in_ingress:  # with the models in the ingress there is no model deployment to ping
+            handle = serve.get_deployment_handle("retrieval", APP)
+            for _ in range(20):
+                handle.ping.remote().result()
+            for _ in range(200):
+                started = time.perf_counter()
+                handle.ping.remote().result()
+                hops.append((time.perf_counter() - started) * 1000)
         base_url = f"http://127.0.0.1:{port}"
 
         def status() -> dict[str, Any]:
@@ -408,6 +413,12 @@ def main() -> None:
     parser.add_argument("--in-process-requests", type=int, default=300)
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument(
+        "--model-placement",
+        choices=["deployments", "ingress"],
+        default="deployments",
+        help="the Serve graph's model placement (AppArgs.model_placement)",
+    )
+    parser.add_argument(
         "--serving",
         type=json.loads,
         default=None,
@@ -427,6 +438,7 @@ def main() -> None:
         "rates": args.rates,
         "duration_s": args.duration,
         "serving_options": args.serving or {},
+        "model_placement": args.model_placement,
     }
     result["serve"] = serve_graph(settings, users, args)
     result["in_process"] = in_process(settings, users, args.in_process_requests, args.serving)

@@ -168,7 +168,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 1
     version = ModelRegistry(settings.home).promote(run.bundle.version, "production")
     print(f"production -> {version}")
-    curl = serve_app(settings, host=args.host, port=args.port, num_cpus=args.num_cpus)
+    curl = serve_app(
+        settings,
+        host=args.host,
+        port=args.port,
+        num_cpus=args.num_cpus,
+        model_placement=args.model_placement,
+    )
     print(f"demo finished in {time.perf_counter() - started:.1f} s")
     print(f"try: {curl}")
     if not args.no_block:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 from ray.serve import Application
 
+from deployments.bundle_slot import ModelUserConfig
 from deployments.ingress import Ingress
 from deployments.ranker import Ranker
 from deployments.recommender.options import ServingOptions
@@ -33,6 +34,9 @@ class AppArgs(BaseModel):
     """Online store URL; ``$RAYREC_REDIS_URL`` when unset."""
     serving: ServingOptions = ServingOptions()
     """The read path: surfaces file, sponsored campaigns, budgets, the ranker's circuit breaker."""
+    model_placement: Literal["deployments", "ingress"] = "deployments"
+    """Where the models run: their own ``retrieval`` and ``ranker`` deployments, or inside each
+    ingress replica (``deployments.local_models``: no hops, for small nodes)."""
 
     def settings_overrides(self) -> dict[str, Any]:
         """The settings given here, to apply over each replica's environment."""
@@ -52,8 +56,13 @@ def build_app(args: dict[str, Any]) -> Application:
     overrides = parsed.settings_overrides()
     # serve.deployment turns the classes into Deployments at run time; their stubs do not say so.
     workers = StreamWorkers.bind(overrides)  # type: ignore[attr-defined]
+    serving = parsed.serving.model_dump(mode="json")
+    if parsed.model_placement == "ingress":
+        # The models' user_config moves to the ingress; a config file's entry for it wins.
+        ingress = Ingress.options(user_config=ModelUserConfig().model_dump())  # type: ignore[attr-defined]
+        app: Application = ingress.bind(overrides, workers, None, None, serving, "ingress")
+        return app
     retrieval = Retrieval.bind(overrides)  # type: ignore[attr-defined]
     ranker = Ranker.bind(overrides)  # type: ignore[attr-defined]
-    serving = parsed.serving.model_dump(mode="json")
-    app: Application = Ingress.bind(overrides, workers, retrieval, ranker, serving)  # type: ignore[attr-defined]
+    app = Ingress.bind(overrides, workers, retrieval, ranker, serving)  # type: ignore[attr-defined]
     return app

@@ -152,6 +152,18 @@ class BundleSlot(Generic[State]):
         if wait:
             await job
 
+    def load_now(self, ref: str) -> None:
+        """Load ``ref`` in this thread and serve it: a process's first load, before its event loop runs.
+
+        Raises:
+            Exception: Whatever loading raised; with nothing served yet there is nothing to keep.
+        """
+        self._target = ref
+        self._generation += 1
+        self._served = self._prepare(ref)
+        self._error = None
+        self._loaded_at_s = time.time()
+
     async def _load(self, ref: str, generation: int) -> None:
         started = time.perf_counter()
         try:

@@ -96,6 +96,7 @@ def serve_app(
     port: int = 8000,
     config_path: Path | None = None,
     num_cpus: int | None = None,
+    model_placement: str = "deployments",
 ) -> str:
     """Deploy the application on Ray and check that the seed's example request answers.
 
@@ -106,6 +107,7 @@ def serve_app(
         port: HTTP port.
         config_path: Serve config to start from (``ray_config.yaml`` by default).
         num_cpus: CPUs of a locally started Ray.
+        model_placement: ``deployments`` or ``ingress`` (``deployments.app.AppArgs``).
 
     Returns:
         The example request as a ``curl`` command.
@@ -120,6 +122,8 @@ def serve_app(
         "namespace": settings.namespace,
         "redis_url": settings.redis_url,
     }
+    if model_placement != "deployments":
+        args["model_placement"] = model_placement
     config = serve_config(app_name, args, host=host, port=port, base=config_path or DEFAULT_CONFIG_PATH)
     started = time.perf_counter()
     deploy(config)
@@ -160,6 +164,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         config_path=args.config,
         num_cpus=args.num_cpus,
+        model_placement=args.model_placement,
     )
     print(f"try: {curl}")
     if not args.no_block:
@@ -173,6 +178,12 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="HTTP port of the Serve proxies")
     parser.add_argument("--no-block", action="store_true", help="return once the example request answered")
     parser.add_argument("--num-cpus", type=int, help="CPUs of a locally started Ray (ignored on a cluster)")
+    parser.add_argument(
+        "--model-placement",
+        choices=["deployments", "ingress"],
+        default="deployments",
+        help="models in their own deployments (default) or inside each ingress replica (small nodes)",
+    )
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:

@@ -282,13 +282,17 @@ def _deployment(decorated: object) -> Deployment:
 DEPLOYMENTS: Mapping[str, DeploymentSpec] = {
     spec.name: spec
     for spec in (
-        DeploymentSpec(_deployment(Ingress)),
+        # Only with model_placement: ingress, where it holds the models (checked per application).
+        DeploymentSpec(_deployment(Ingress), user_config_model=ModelUserConfig),
         DeploymentSpec(_deployment(StreamWorkers), actor_cpus=_stream_worker_actor_cpus),
         DeploymentSpec(_deployment(Retrieval), user_config_model=ModelUserConfig),
         DeploymentSpec(_deployment(Ranker), user_config_model=ModelUserConfig),
     )
 }
 """Every deployment ``build_app`` binds, by name; a unit test keeps the two in step."""
+
+_MODEL_DEPLOYMENTS = frozenset({"retrieval", "ranker"})
+"""Deployments ``build_app`` leaves out with ``model_placement: ingress``."""
 
 
 def bound_deployments(app: Application) -> list[Deployment]:
@@ -479,15 +483,15 @@ def check_serve_mapping(
             problems.append(f"{where}: import_path must be {IMPORT_PATH}, not {app.import_path}")
             continue
         try:
-            AppArgs.model_validate(app.args)
+            args = AppArgs.model_validate(app.args)
         except ValidationError as exc:
             problems.extend(_errors(exc, f"{where}: args."))
             continue
         graph = {d.name: d for d in bound_deployments(build_app(app.args))}
-        if set(graph) != set(DEPLOYMENTS):
-            problems.append(
-                f"{where}: build_app binds {sorted(graph)} but DEPLOYMENTS lists {sorted(DEPLOYMENTS)}"
-            )
+        in_ingress = args.model_placement == "ingress"
+        expected = {n for n in DEPLOYMENTS if not (in_ingress and n in _MODEL_DEPLOYMENTS)}
+        if set(graph) != expected:
+            problems.append(f"{where}: build_app binds {sorted(graph)}, expected {sorted(expected)}")
             continue
         given: dict[str, DeploymentOptions] = {}
         for options in app.deployments:
@@ -499,7 +503,7 @@ def check_serve_mapping(
                 problems.append(f"{where}: deployment '{name}' is listed twice")
                 continue
             given[name] = options
-            problems.extend(_check_user_config(where, options))
+            problems.extend(_check_user_config(where, options, models_in_ingress=in_ingress))
         cpu = [_effective(name, given.get(name), bound) for name, bound in graph.items()]
         report = ApplicationReport(app.name, cpu, _overrides(graph, given))
         if node_cpus is not None and report.cpus_start > node_cpus + 1e-9:
@@ -524,9 +528,11 @@ def validate_serve_config(path: str | Path, *, node_cpus: float | None = NODE_CP
     return schema
 
 
-def _check_user_config(where: str, options: DeploymentOptions) -> list[str]:
+def _check_user_config(where: str, options: DeploymentOptions, *, models_in_ingress: bool) -> list[str]:
     if options.user_config is None:
         return []
+    if options.name == "ingress" and not models_in_ingress:
+        return [f"{where}: deployment 'ingress' takes a user_config only with model_placement: ingress"]
     model = DEPLOYMENTS[options.name].user_config_model
     if model is None:
         return [f"{where}: deployment '{options.name}' takes no user_config (it has no reconfigure)"]

@@ -39,6 +39,9 @@ from training.registry import ModelRegistry
 MODEL_DEPLOYMENTS: Final = ("retrieval", "ranker")
 """Deployments whose ``user_config`` names a model bundle."""
 
+INGRESS: Final = "ingress"
+"""The deployment that holds the models with ``model_placement: ingress``."""
+
 DEFAULT_CONFIG_PATH: Final = Path(__file__).resolve().parent.parent / "ray_config.yaml"
 """The Serve config shipped with the code."""
 
@@ -95,6 +98,8 @@ def serve_config(
     app = dict(raw["applications"][0])
     app.update(name=app_name, route_prefix=route_prefix, args=dict(args))
     deployments = [dict(d) for d in app.get("deployments", [])]
+    if args.get("model_placement") == INGRESS:
+        deployments = _models_in_ingress(deployments)
     for name, user_config in (user_configs or {}).items():
         entry = next((d for d in deployments if d["name"] == name), None)
         if entry is None:
@@ -110,6 +115,27 @@ def serve_config(
     config["http_options"] = {**(raw.get("http_options") or {}), "host": host, "port": port}
     config["applications"] = [app]
     return config
+
+
+def _models_in_ingress(deployments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The file's deployments for ``model_placement: ingress``.
+
+    The model deployments go; their ``user_config`` (the bundle, the drills) goes to the ingress,
+    unless the file gives the ingress one of its own.
+    """
+    models = [d for d in deployments if d["name"] in MODEL_DEPLOYMENTS]
+    kept = [d for d in deployments if d["name"] not in MODEL_DEPLOYMENTS]
+    user_config = next((d["user_config"] for d in models if d.get("user_config")), {"bundle": "production"})
+    for entry in kept:
+        if entry["name"] == INGRESS:
+            entry.setdefault("user_config", dict(user_config))
+    return kept
+
+
+def model_deployments(app_name: str) -> tuple[str, ...]:
+    """The deployments of a running application whose ``user_config`` names its bundle."""
+    args = deployed_config(app_name).args or {}
+    return (INGRESS,) if args.get("model_placement") == INGRESS else MODEL_DEPLOYMENTS
 
 
 def _client() -> ServeControllerClient:
@@ -262,14 +288,14 @@ def _served_version(app_name: str, deployment: str) -> str | None:
 
 
 def wait_for_bundle(app_name: str, version: str, *, timeout_s: float = 300.0) -> None:
-    """Wait until every replica of the model deployments serves ``version``.
+    """Wait until every replica of the model deployments (:func:`model_deployments`) serves ``version``.
 
     Raises:
         BundleLoadError: A replica failed to load it (it keeps serving its previous bundle).
         ReloadError: Not every replica serves it after ``timeout_s``.
     """
     deadline = time.monotonic() + timeout_s
-    pending = list(MODEL_DEPLOYMENTS)
+    pending = list(model_deployments(app_name))
     while pending and time.monotonic() < deadline:
         deployment = pending[0]
         # Several calls per replica, so the router's random choice reaches each of them.
@@ -291,8 +317,9 @@ def apply_bundle(
     """Make a running application serve the bundle an alias (or version) names, without downtime.
 
     Call it after ``rayrec models promote`` or ``rollback``: the alias is resolved now, the
-    explicit version goes into the ``user_config`` of ``retrieval`` and ``ranker``, each replica
-    loads it beside the model it serves and swaps when ready.
+    explicit version goes into the ``user_config`` of ``retrieval`` and ``ranker`` (of the
+    ingress with ``model_placement: ingress``), each replica loads it beside the model it serves
+    and swaps when ready.
 
     Args:
         app_name: The Serve application (``rayrec`` in ``ray_config.yaml``).
@@ -313,11 +340,12 @@ def apply_bundle(
     args = dict(config.args or {})
     registry_home = home or args.get("home") or Settings.from_env().home
     version = ModelRegistry(str(registry_home)).resolve(alias)
-    previous = {d.name: dict(d.user_config or {}) for d in config.deployments if d.name in MODEL_DEPLOYMENTS}
+    holders = model_deployments(app_name)
+    previous = {d.name: dict(d.user_config or {}) for d in config.deployments if d.name in holders}
     # The previous config may name an alias that now points at the new bundle (promote, then
     # apply), so putting it back must name the version the replicas actually serve.
     served = {name: _served_version(app_name, name) for name in previous}
-    update_user_configs(app_name, {name: {"bundle": version} for name in MODEL_DEPLOYMENTS})
+    update_user_configs(app_name, {name: {"bundle": version} for name in holders})
     try:
         wait_for_bundle(app_name, version, timeout_s=timeout_s)
     except BundleLoadError:

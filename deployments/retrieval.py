@@ -2,32 +2,23 @@
 
 Holds the serving release (two-tower user tower, ANN or exact index plus the delta of new items,
 item-item table) and answers every model-backed source of a request in one call (see
-:mod:`deployments.retrieval_model`). Items added to the catalog after training are embedded with
-the release's item tower and added to the delta index: from the catalog change stream as they
-arrive, and from the active-item set when a bundle is loaded.
+:mod:`deployments.retrieval_model`). Items added to the catalog after training join the delta
+index as they arrive (:mod:`deployments.catalog_follower`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
-from typing import Any, cast
+from typing import Any
 
 from ray import serve
 
 from core.settings import Settings
 from deployments.bundle_slot import BundleSlot, ModelUserConfig
-from deployments.retrieval_model import RetrievalModel, item_records, retrieve
+from deployments.catalog_follower import follow_catalog
+from deployments.retrieval_model import RetrievalModel, retrieve
 from deployments.wire import RetrievalReply, RetrievalRequest
-from features.catalog_changes import decode_change
 from features.redis_store import RedisStore
-from features.stream_codec import EntryDecodeError
-
-logger = logging.getLogger(__name__)
-
-_CATALOG_RETRY_S = 2.0
-_ITEMS_TABLE = "items"
 
 
 @serve.deployment(
@@ -71,7 +62,9 @@ class Retrieval:
         self._started = True
         await self._slot.apply(config.bundle, wait=first)
         if self._catalog_task is None:
-            self._catalog_task = asyncio.ensure_future(self._follow_catalog())
+            self._catalog_task = asyncio.ensure_future(
+                follow_catalog(self._store, lambda: self._slot.state, redis_timeout_s=self._redis_timeout_s)
+            )
 
     async def retrieve(self, request: RetrievalRequest) -> RetrievalReply:
         """Run the model-backed sources of one request.
@@ -109,57 +102,6 @@ class Retrieval:
             raise RuntimeError("retrieval failure drill (user_config fault: raise)")
         if fault == "slow":
             await asyncio.sleep(self._config.fault_delay_ms / 1000.0)
-
-    async def _follow_catalog(self) -> None:
-        """Add items to the delta index as the catalog stream announces them."""
-        stream = self._store.keys.stream_catalog(_ITEMS_TABLE)
-        # Blocking reads end well before the socket timeout, or every idle read would "fail".
-        block_ms = max(100, int(self._redis_timeout_s * 500))
-        last_id: str | None = None
-        caught_up_for: RetrievalModel | None = None
-        while True:
-            try:
-                if last_id is None:
-                    # An explicit position rather than "$": entries added while a read failed
-                    # are picked up by the next one instead of being skipped.
-                    newest = cast(list[tuple[str, Any]], await self._store.aclient.xrevrange(stream, count=1))
-                    last_id = newest[0][0] if newest else "0-0"
-                model = self._slot.state
-                if model is not None and model is not caught_up_for:
-                    await self._catch_up(model)
-                    caught_up_for = model
-                reply = cast(
-                    list[tuple[str, list[tuple[str, dict[str, str]]]]],
-                    await self._store.aclient.xread({stream: last_id}, count=500, block=block_ms),
-                )
-                records: list[dict[str, Any]] = []
-                for _, entries in reply or []:
-                    for entry_id, fields in entries:
-                        last_id = entry_id
-                        with contextlib.suppress(EntryDecodeError):
-                            records.append(decode_change(fields))
-                model = self._slot.state
-                if model is not None and records:
-                    added = await asyncio.to_thread(model.add_new_items, item_records(records))
-                    if added:
-                        logger.info("retrieval: %d new items added to the delta index", added)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis down: retry; serving does not depend on this loop
-                logger.warning("retrieval: catalog stream not followed: %s", exc)
-                await asyncio.sleep(_CATALOG_RETRY_S)
-
-    async def _catch_up(self, model: RetrievalModel) -> None:
-        keys = self._store.keys
-        active = cast(set[str], await self._store.aclient.smembers(keys.items_active()))  # type: ignore[misc]
-        missing = [i for i in active if model.index.position_of(i) is None]
-        if not missing:
-            return
-        records = await self._store.amget_json([keys.item(i) for i in missing])
-        added = await asyncio.to_thread(model.add_new_items, item_records(records))
-        logger.info(
-            "retrieval: %d catalog items newer than bundle %s added to the delta index", added, model.version
-        )
 
     def __del__(self) -> None:
         task = getattr(self, "_catalog_task", None)

@@ -99,6 +99,18 @@ class Graph:
 def graph(
     ray_cluster: None, redis_settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Graph]:
+    yield from serving_graph(redis_settings, tmp_path_factory, app=APP, suffix="-sg")
+
+
+def serving_graph(
+    redis_settings: Settings,
+    tmp_path_factory: pytest.TempPathFactory,
+    *,
+    app: str,
+    suffix: str,
+    args: dict[str, Any] | None = None,
+) -> Iterator[Graph]:
+    """Build the world, train, deploy ``app`` with ``args`` over the tests' own; yield; tear down."""
     from ray import serve
 
     from deployments.reload import deploy, serve_config
@@ -109,7 +121,10 @@ def graph(
 
     home = tmp_path_factory.mktemp("serving-home")
     settings = Settings.from_env(
-        None, redis_url=redis_settings.redis_url, namespace=f"{redis_settings.namespace}-sg", home=str(home)
+        None,
+        redis_url=redis_settings.redis_url,
+        namespace=f"{redis_settings.namespace}{suffix}",
+        home=str(home),
     )
     store = RedisStore.from_settings(settings)
     store.delete_namespace()
@@ -140,7 +155,7 @@ def graph(
     users = sorted(counts, key=lambda u: (-counts[u], u))[:40]
 
     port = _free_port()
-    args = {
+    app_args = {
         "home": str(home),
         "namespace": settings.namespace,
         "redis_url": settings.redis_url,
@@ -155,9 +170,12 @@ def graph(
                 "campaigns": [{"campaign_id": "camp-1", "item_ids": ["i1", "i2", "i3"], "bid": 2.0}],
             },
         },
+        **(args or {}),
     }
     deploy(
-        serve_config(APP, args, host="127.0.0.1", port=port, env_vars={"RAYREC_ADMIN_TOKEN": ADMIN_TOKEN}),
+        serve_config(
+            app, app_args, host="127.0.0.1", port=port, env_vars={"RAYREC_ADMIN_TOKEN": ADMIN_TOKEN}
+        ),
         timeout_s=600,
     )
     graph = Graph(
@@ -166,7 +184,7 @@ def graph(
     try:
         yield graph
     finally:
-        serve.delete(APP)
+        serve.delete(app)
         serve.shutdown()  # type: ignore[no-untyped-call]
         store.delete_namespace()
         store.close()

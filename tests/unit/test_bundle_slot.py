@@ -49,3 +49,10 @@ def test_user_config_is_strict() -> None:
         ModelUserConfig.model_validate({"fault": "explode"})
     with pytest.raises(ValidationError):
         ModelUserConfig.model_validate({"bundel": "production"})
+
+
+def test_load_now_raises_what_the_load_raised_and_serves_nothing(tmp_path: Path) -> None:
+    slot: BundleSlot[object] = BundleSlot(str(tmp_path), lambda release: release, name="test")
+    with pytest.raises(Exception, match="production"):
+        slot.load_now("production")
+    assert slot.served() == (NO_MODEL, None)

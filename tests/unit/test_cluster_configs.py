@@ -149,7 +149,17 @@ def test_code_options_fit_the_strict_model() -> None:
         ),
         (lambda raw: _deployment(raw, "ingress")["autoscaling_config"].update(min_replicas=4), "2-CPU node"),
         (lambda raw: raw["applications"][0].update(args={"home_dir": "/x"}), "args.home_dir"),
-        (lambda raw: _deployment(raw, "ingress").update(user_config={"k": 1}), "takes no user_config"),
+        (lambda raw: _deployment(raw, "stream_workers").update(user_config={"k": 1}), "takes no user_config"),
+        (
+            lambda raw: _deployment(raw, "ingress").update(user_config={"bundle": "production"}),
+            "only with model_placement: ingress",
+        ),
+        (
+            lambda raw: raw["applications"][0].update(args={"model_placement": "ingress"}),
+            "'retrieval' is not in the graph",
+        ),
+        (lambda raw: _models_in_ingress(raw, {"bundle": "production", "k": 1}), "ingress.user_config.k"),
+        (lambda raw: raw["applications"][0].update(args={"model_placement": "ranker"}), "model_placement"),
         (lambda raw: raw["applications"][0].update(import_path="x:y"), "import_path"),
         (lambda raw: _deployment(raw, "ingress").update(num_replicas=2), "num_replicas"),
         (
@@ -177,6 +187,34 @@ def test_code_options_fit_the_strict_model() -> None:
 def test_check_refuses(tmp_path: Path, mutate: Any, expected: str) -> None:
     with pytest.raises(ServeConfigError, match=expected):
         validate_serve_config(_write_config(tmp_path, mutate))
+
+
+def _models_in_ingress(raw: dict[str, Any], user_config: dict[str, Any]) -> None:
+    app = raw["applications"][0]
+    app["args"] = {"model_placement": "ingress"}
+    app["deployments"] = [d for d in app["deployments"] if d["name"] not in ("retrieval", "ranker")]
+    _deployment(raw, "ingress")["user_config"] = user_config
+
+
+def test_models_in_the_ingress_check_and_fit(tmp_path: Path) -> None:
+    path = _write_config(tmp_path, lambda raw: _models_in_ingress(raw, {"bundle": "production"}))
+    _, (report,) = check_serve_config(path)
+    assert {line.name for line in report.cpu} == {"ingress", "stream_workers"}
+    _, (committed,) = check_serve_config(RAY_CONFIG)
+    assert report.cpus_start < committed.cpus_start
+
+
+def test_serve_config_moves_the_models_user_config_to_the_ingress() -> None:
+    from deployments.reload import serve_config
+
+    config = serve_config("app", {"model_placement": "ingress"})
+    deployments = {d["name"]: d for d in config["applications"][0]["deployments"]}
+    assert sorted(deployments) == ["ingress", "stream_workers"]
+    assert deployments["ingress"]["user_config"] == _deployment(_load(RAY_CONFIG), "retrieval")["user_config"]
+    separate = serve_config("app", {})
+    assert "user_config" not in {d["name"]: d for d in separate["applications"][0]["deployments"]}["ingress"]
+    bound = {d.name for d in bound_deployments(build_app({"model_placement": "ingress"}))}
+    assert bound == {"ingress", "stream_workers"}
 
 
 def test_fit_check_can_be_skipped_for_bigger_nodes(tmp_path: Path) -> None:
