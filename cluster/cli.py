@@ -135,7 +135,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     answer, and keeps the application up until Ctrl-C (``--no-block`` returns instead).
     """
     from core.schema import utcnow
-    from deployments.commands import DEFAULT_APP, block_until_interrupted, serve_app
+    from deployments.commands import DEFAULT_APP, block_until_interrupted, serve_app, serve_options
     from deployments.commands import connect_ray as connect_serving_ray
     from features.event_replay import replay_events
     from features.online_store import OnlineFeatureStore
@@ -168,13 +168,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 1
     version = ModelRegistry(settings.home).promote(run.bundle.version, "production")
     print(f"production -> {version}")
-    curl = serve_app(
-        settings,
-        host=args.host,
-        port=args.port,
-        num_cpus=args.num_cpus,
-        model_placement=args.model_placement,
-    )
+    curl = serve_app(settings, **serve_options(args))
     print(f"demo finished in {time.perf_counter() - started:.1f} s")
     print(f"try: {curl}")
     if not args.no_block:

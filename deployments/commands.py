@@ -157,19 +157,21 @@ def block_until_interrupted(app_name: str) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Deploy the Serve application (models from the registry's ``production`` alias)."""
     settings = _settings(args)
-    curl = serve_app(
-        settings,
-        app_name=args.app,
-        host=args.host,
-        port=args.port,
-        config_path=args.config,
-        num_cpus=args.num_cpus,
-        model_placement=args.model_placement,
-    )
+    curl = serve_app(settings, app_name=args.app, config_path=args.config, **serve_options(args))
     print(f"try: {curl}")
     if not args.no_block:
         block_until_interrupted(args.app)
     return 0
+
+
+def serve_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The :func:`serve_app` keywords of the options :func:`add_serve_options` added."""
+    return {
+        "host": args.host,
+        "port": args.port,
+        "num_cpus": args.num_cpus,
+        "model_placement": args.model_placement,
+    }
 
 
 def add_serve_options(parser: argparse.ArgumentParser) -> None:

@@ -8,11 +8,9 @@ drills, and swaps bundles in place on promotion and rollback.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 
 from core.settings import Settings
@@ -20,12 +18,13 @@ from tests.integration.ray_session import ray_cluster
 from tests.integration.test_serving_graph import (
     Graph,
     admin_status,
+    promote_then_roll_back,
     recommend,
     serving_graph,
+    traffic,
     until,
     whole,
 )
-from training.registry import ModelRegistry
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 __all__ = ["ray_cluster"]
@@ -97,41 +96,10 @@ def test_the_failure_drill_degrades_and_recovers(graph: Graph) -> None:
 
 
 def test_promotion_and_rollback_swap_in_place_without_errors(graph: Graph) -> None:
-    from deployments.reload import apply_bundle
-
-    v1, v2 = graph.versions
-    registry = ModelRegistry(str(graph.home))
-    statuses: list[int] = []
-    versions: list[str] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        with httpx.Client(base_url=graph.url, timeout=60) as client:
-            n = 0
-            while not stop.is_set():
-                response = client.get("/api/recommendations", params={"userId": graph.users[n % 10]})
-                statuses.append(response.status_code)
-                if response.status_code == 200:
-                    versions.append(response.json()["modelVersion"])
-                n += 1
-
-    worker = threading.Thread(target=load, daemon=True)
-    worker.start()
-    try:
-        until(lambda: len(versions) >= 10, 60, "traffic before the promotion")
-        registry.promote(v2, "production")
-        assert apply_bundle(APP, "production") == v2
-        served = len(versions)
-        until(lambda: len(versions) >= served + 10 and versions[-1] == v2, 60, "traffic on v2")
-        registry.rollback("production")
-        assert apply_bundle(APP, "production") == v1
-        served = len(versions)
-        until(lambda: len(versions) >= served + 10 and versions[-1] == v1, 60, "traffic on v1 again")
-    finally:
-        stop.set()
-        worker.join(timeout=60)
+    with traffic(graph) as (statuses, versions):
+        promote_then_roll_back(graph, APP, versions)
     assert statuses and set(statuses) == {200}, sorted(set(statuses))
-    assert {v1, v2} <= set(versions)
+    assert set(graph.versions) <= set(versions)
 
 
 def test_load_now_serves_a_bundle_in_a_process_without_serve(graph: Graph) -> None:

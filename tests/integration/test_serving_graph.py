@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -594,11 +595,13 @@ def test_an_unreachable_store_serves_popular(graph: Graph) -> None:
 # --- models: promotion, rollback, a broken bundle ---------------------------------------------------
 
 
-def test_promotion_and_rollback_serve_without_errors(graph: Graph) -> None:
-    from deployments.reload import BundleLoadError, apply_bundle
+@contextmanager
+def traffic(graph: Graph) -> Iterator[tuple[list[int], list[str]]]:
+    """Requests one after another from a thread while the block runs.
 
-    v1, v2 = graph.versions
-    registry = ModelRegistry(str(graph.home))
+    Yields:
+        The statuses of the answers and the model versions of the ``200`` ones, as they come.
+    """
     statuses: list[int] = []
     versions: list[str] = []
     stop = threading.Event()
@@ -618,16 +621,36 @@ def test_promotion_and_rollback_serve_without_errors(graph: Graph) -> None:
     worker = threading.Thread(target=load, daemon=True)
     worker.start()
     try:
-        time.sleep(1)
-        until(lambda: len(versions) >= 10, 60, "traffic before the promotion")
-        registry.promote(v2, "production")
-        assert apply_bundle(APP, "production") == v2
-        served = len(versions)
-        until(lambda: len(versions) >= served + 10 and versions[-1] == v2, 60, "traffic on v2")
-        registry.rollback("production")
-        assert apply_bundle(APP, "production") == v1
-        served = len(versions)
-        until(lambda: len(versions) >= served + 10 and versions[-1] == v1, 60, "traffic on v1 again")
+        until(lambda: len(versions) >= 10, 60, "traffic before the change")
+        yield statuses, versions
+    finally:
+        stop.set()
+        worker.join(timeout=60)
+
+
+def promote_then_roll_back(graph: Graph, app: str, versions: list[str]) -> None:
+    """Promote the second version and apply it, then roll back and apply; each seen serving."""
+    from deployments.reload import apply_bundle
+
+    v1, v2 = graph.versions
+    registry = ModelRegistry(str(graph.home))
+    registry.promote(v2, "production")
+    assert apply_bundle(app, "production") == v2
+    served = len(versions)
+    until(lambda: len(versions) >= served + 10 and versions[-1] == v2, 60, "traffic on v2")
+    registry.rollback("production")
+    assert apply_bundle(app, "production") == v1
+    served = len(versions)
+    until(lambda: len(versions) >= served + 10 and versions[-1] == v1, 60, "traffic on v1 again")
+
+
+def test_promotion_and_rollback_serve_without_errors(graph: Graph) -> None:
+    from deployments.reload import BundleLoadError, apply_bundle
+
+    v1, v2 = graph.versions
+    registry = ModelRegistry(str(graph.home))
+    with traffic(graph) as (statuses, versions):
+        promote_then_roll_back(graph, APP, versions)
 
         broken_dir = Path(tempfile.mkdtemp())
         try:
@@ -645,9 +668,6 @@ def test_promotion_and_rollback_serve_without_errors(graph: Graph) -> None:
             apply_bundle(APP, broken.version, timeout_s=120)
         served = len(versions)
         until(lambda: len(versions) >= served + 10, 60, "traffic after the broken bundle")
-    finally:
-        stop.set()
-        worker.join(timeout=60)
     assert statuses and set(statuses) == {200}, sorted(set(statuses))
     assert {v1, v2} <= set(versions)
     assert versions[-1] == v1, "a broken bundle must leave the previous one serving"
