@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -53,6 +53,17 @@ class ModelUserConfig(BaseModel):
 
     fault_delay_ms: Annotated[float, Field(gt=0, le=60_000)] = 500.0
     """Delay of the ``slow`` drill."""
+
+    async def drill(self, stage: str) -> None:
+        """Run the failure drill before a call of ``stage``: fail it, delay it, or nothing.
+
+        Raises:
+            RuntimeError: With ``fault: raise``.
+        """
+        if self.fault == "raise":
+            raise RuntimeError(f"{stage} failure drill (user_config fault: raise)")
+        if self.fault == "slow":
+            await asyncio.sleep(self.fault_delay_ms / 1000.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +141,22 @@ class BundleSlot(Generic[State]):
         """What is served and what was asked for."""
         loading = self._task is not None and not self._task.done()
         return SlotStatus(self.version, self._target, loading, self._error, self._loaded_at_s, self._refused)
+
+    async def configure(self, user_config: dict[str, Any]) -> ModelUserConfig:
+        """Apply a holder's ``user_config``: validate it and serve its bundle.
+
+        The first bundle loads before this returns (the replica is not serving yet); later ones
+        load in the background while the served one keeps serving.
+
+        Returns:
+            The validated config (its drills are the holder's to run).
+
+        Raises:
+            pydantic.ValidationError: The config is invalid (Serve then rejects the update).
+        """
+        config = ModelUserConfig.model_validate(user_config)
+        await self.apply(config.bundle, wait=self._generation == 0)
+        return config
 
     async def apply(self, ref: str | None, *, wait: bool) -> None:
         """Serve the bundle ``ref`` names (or no model for None); never raises for a bad bundle.

@@ -31,6 +31,7 @@ from ray.serve.schema import ServeDeploySchema
 from deployments.bundle_slot import ModelUserConfig
 from deployments.ingress import Ingress
 from deployments.ranker import Ranker
+from deployments.reload import MODEL_DEPLOYMENTS
 from deployments.retrieval import Retrieval
 from deployments.stream_workers import StreamWorkers
 from features.partitions import PARTITIONS
@@ -291,9 +292,6 @@ DEPLOYMENTS: Mapping[str, DeploymentSpec] = {
 }
 """Every deployment ``build_app`` binds, by name; a unit test keeps the two in step."""
 
-_MODEL_DEPLOYMENTS = frozenset({"retrieval", "ranker"})
-"""Deployments ``build_app`` leaves out with ``model_placement: ingress``."""
-
 
 def bound_deployments(app: Application) -> list[Deployment]:
     """The deployments of a bound application, ingress first, each once.
@@ -489,7 +487,7 @@ def check_serve_mapping(
             continue
         graph = {d.name: d for d in bound_deployments(build_app(app.args))}
         in_ingress = args.model_placement == "ingress"
-        expected = {n for n in DEPLOYMENTS if not (in_ingress and n in _MODEL_DEPLOYMENTS)}
+        expected = {n for n in DEPLOYMENTS if not (in_ingress and n in MODEL_DEPLOYMENTS)}
         if set(graph) != expected:
             problems.append(f"{where}: build_app binds {sorted(graph)}, expected {sorted(expected)}")
             continue

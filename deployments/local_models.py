@@ -65,7 +65,6 @@ class InProcessModels:
             home, lambda release: LocalModels.build(release, store), name="models"
         )
         self._config = ModelUserConfig()
-        self._started = False
         self._follower: asyncio.Task[None] | None = None
 
     async def apply(self, user_config: dict[str, Any]) -> None:
@@ -75,11 +74,7 @@ class InProcessModels:
         replace it when ready. A bundle that fails to load never raises (see
         :mod:`deployments.bundle_slot`); an invalid config does.
         """
-        config = ModelUserConfig.model_validate(user_config)
-        self._config = config
-        first = not self._started
-        self._started = True
-        await self._slot.apply(config.bundle, wait=first)
+        self._config = await self._slot.configure(user_config)
         if self._follower is None:
             self._follower = asyncio.ensure_future(
                 follow_catalog(self._store, self._retrieval, redis_timeout_s=self._redis_timeout_s)
@@ -93,29 +88,21 @@ class InProcessModels:
         Raises:
             Exception: The bundle did not load.
         """
-        self._started = True
         self._slot.load_now(bundle)
 
     def _retrieval(self) -> RetrievalModel | None:
         models = self._slot.state
         return None if models is None else models.retrieval
 
-    async def _drill(self, stage: str) -> None:
-        fault = self._config.fault
-        if fault == "raise":
-            raise RuntimeError(f"{stage} failure drill (user_config fault: raise)")
-        if fault == "slow":
-            await asyncio.sleep(self._config.fault_delay_ms / 1000.0)
-
     async def retrieve(self, request: RetrievalRequest) -> RetrievalReply:
         """Run a request's model-backed sources."""
-        await self._drill("retrieval")
+        await self._config.drill("retrieval")
         _, models = self._slot.served()
         return await retrieve(None if models is None else models.retrieval, request)
 
     async def rank(self, request: RankRequest) -> RankReply:
         """Score one request's candidates (no batching across requests: they never meet here)."""
-        await self._drill("ranker")
+        await self._config.drill("ranker")
         _, models = self._slot.served()
         if models is None or models.ranker is None:
             return RankReply(model_version=NO_MODEL, scores=None)

@@ -53,7 +53,6 @@ class Ranker:
         settings = Settings.from_env(None, **(settings_overrides or {}))
         self._slot: BundleSlot[RankerModel] = BundleSlot(settings.home, RankerModel.build, name="ranker")
         self._config = ModelUserConfig()
-        self._started = False
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply a new ``user_config`` (:class:`ModelUserConfig`): bundle and failure drills.
@@ -62,11 +61,7 @@ class Ranker:
         ranker fallback (``ranker_prescore``) and of the circuit breaker in front of this
         deployment. A bundle that fails to load never raises (see :mod:`deployments.bundle_slot`).
         """
-        config = ModelUserConfig.model_validate(user_config)
-        self._config = config
-        first = not self._started
-        self._started = True
-        await self._slot.apply(config.bundle, wait=first)
+        self._config = await self._slot.configure(user_config)
 
     async def rank(self, request: RankRequest) -> RankReply:
         """Score one request's candidates (batched with concurrent requests).
@@ -77,11 +72,7 @@ class Ranker:
         Returns:
             One score per candidate, in order; ``scores`` is None without a ranker.
         """
-        fault = self._config.fault
-        if fault == "raise":
-            raise RuntimeError("ranker failure drill (user_config fault: raise)")
-        if fault == "slow":
-            await asyncio.sleep(self._config.fault_delay_ms / 1000.0)
+        await self._config.drill("ranker")
         if self._slot.state is None:
             return RankReply(model_version=NO_MODEL, scores=None)
         return await self._batched(request)

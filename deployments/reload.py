@@ -134,7 +134,11 @@ def _models_in_ingress(deployments: list[dict[str, Any]]) -> list[dict[str, Any]
 
 def model_deployments(app_name: str) -> tuple[str, ...]:
     """The deployments of a running application whose ``user_config`` names its bundle."""
-    args = deployed_config(app_name).args or {}
+    return _holders(deployed_config(app_name))
+
+
+def _holders(config: ServeApplicationSchema) -> tuple[str, ...]:
+    args = config.args or {}
     return (INGRESS,) if args.get("model_placement") == INGRESS else MODEL_DEPLOYMENTS
 
 
@@ -340,7 +344,7 @@ def apply_bundle(
     args = dict(config.args or {})
     registry_home = home or args.get("home") or Settings.from_env().home
     version = ModelRegistry(str(registry_home)).resolve(alias)
-    holders = model_deployments(app_name)
+    holders = _holders(config)
     previous = {d.name: dict(d.user_config or {}) for d in config.deployments if d.name in holders}
     # The previous config may name an alias that now points at the new bundle (promote, then
     # apply), so putting it back must name the version the replicas actually serve.

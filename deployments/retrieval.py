@@ -47,7 +47,6 @@ class Retrieval:
             settings.home, lambda release: RetrievalModel.build(release, self._store), name="retrieval"
         )
         self._config = ModelUserConfig()
-        self._started = False
         self._catalog_task: asyncio.Task[None] | None = None
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -56,11 +55,7 @@ class Retrieval:
         An invalid config raises (Serve then rejects the update); a bundle that fails to load
         never does (see :mod:`deployments.bundle_slot`).
         """
-        config = ModelUserConfig.model_validate(user_config)
-        self._config = config
-        first = not self._started
-        self._started = True
-        await self._slot.apply(config.bundle, wait=first)
+        self._config = await self._slot.configure(user_config)
         if self._catalog_task is None:
             self._catalog_task = asyncio.ensure_future(
                 follow_catalog(self._store, lambda: self._slot.state, redis_timeout_s=self._redis_timeout_s)
@@ -75,7 +70,7 @@ class Retrieval:
         Returns:
             Candidates per source, with failures per source.
         """
-        await self._drill()
+        await self._config.drill("retrieval")
         _, model = self._slot.served()
         return await retrieve(model, request)
 
@@ -95,13 +90,6 @@ class Retrieval:
     async def ping(self) -> float:
         """Nothing: the cost of a hop, measured by the caller."""
         return 0.0
-
-    async def _drill(self) -> None:
-        fault = self._config.fault
-        if fault == "raise":
-            raise RuntimeError("retrieval failure drill (user_config fault: raise)")
-        if fault == "slow":
-            await asyncio.sleep(self._config.fault_delay_ms / 1000.0)
 
     def __del__(self) -> None:
         task = getattr(self, "_catalog_task", None)

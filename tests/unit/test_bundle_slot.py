@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -56,3 +58,23 @@ def test_load_now_raises_what_the_load_raised_and_serves_nothing(tmp_path: Path)
     with pytest.raises(Exception, match="production"):
         slot.load_now("production")
     assert slot.served() == (NO_MODEL, None)
+
+
+def test_configure_validates_and_the_drills_fail_or_delay(tmp_path: Path) -> None:
+    slot: BundleSlot[object] = BundleSlot(str(tmp_path), lambda release: release, name="test")
+    with pytest.raises(ValidationError):
+        asyncio.run(slot.configure({"fault": "explode"}))
+    config = asyncio.run(slot.configure({"bundle": None, "fault": "raise"}))
+    assert slot.status().target is None and slot.version == NO_MODEL
+    with pytest.raises(RuntimeError, match="ranker failure drill"):
+        asyncio.run(config.drill("ranker"))
+    slow = ModelUserConfig(fault="slow", fault_delay_ms=30)
+    started = asyncio.run(_timed(slow.drill("retrieval")))
+    assert started >= 0.025
+    asyncio.run(ModelUserConfig().drill("ranker"))
+
+
+async def _timed(job: Any) -> float:
+    begun = time.perf_counter()
+    await job
+    return time.perf_counter() - begun
