@@ -49,6 +49,22 @@ def _iso(value: datetime) -> str:
     return utc.isoformat().replace("+00:00", "Z")
 
 
+def item_row(item: Item, updated_at: datetime) -> dict[str, Any]:
+    """The ``ITEMS`` lake row of one item, timestamps as ISO text: as stored and as change-logged."""
+    return {
+        "item_id": item.item_id,
+        "item_type": item.item_type.value,
+        "title": item.title,
+        "category": item.category,
+        "tags": list(item.tags),
+        "creator_id": item.creator_id,
+        "status": item.status.value,
+        "created_at": _iso(item.created_at),
+        "metadata_json": json.dumps(item.metadata, separators=(",", ":")),
+        "updated_at": _iso(updated_at),
+    }
+
+
 def _iso_column(column: pa.ChunkedArray) -> pa.ChunkedArray:
     # Vectorised _iso: Arrow always prints six fraction digits, pydantic omits an all-zero fraction.
     text = pc.strftime(column, format="%Y-%m-%dT%H:%M:%S")
@@ -119,19 +135,24 @@ class CatalogStore:
         Raises:
             StoreUnavailable: Redis could not be reached.
         """
-        row = {
-            "item_id": item.item_id,
-            "item_type": item.item_type.value,
-            "title": item.title,
-            "category": item.category,
-            "tags": list(item.tags),
-            "creator_id": item.creator_id,
-            "status": item.status.value,
-            "created_at": _iso(item.created_at),
-            "metadata_json": json.dumps(item.metadata, separators=(",", ":")),
-            "updated_at": _iso(updated_at or utcnow()),
-        }
-        self._write_items([row])
+        self.put_item_models([item], updated_at=updated_at or utcnow())
+
+    def put_item_models(self, items: Sequence[Item], *, updated_at: datetime) -> None:
+        """Write many items in pipelines of ``_CHUNK_ROWS``; a later item wins over an earlier one.
+
+        Args:
+            items: The items.
+            updated_at: When they changed.
+
+        Raises:
+            StoreUnavailable: Redis could not be reached.
+        """
+        # The last item per id only, as for tables: one write must not leave an item in the sets
+        # of a creator an earlier row of the same call named.
+        latest = {item.item_id: item for item in items}
+        rows = [item_row(item, updated_at) for item in latest.values()]
+        for part in _chunked(rows, _CHUNK_ROWS):
+            self._write_items(part)
 
     def _write_items(self, rows: Sequence[Mapping[str, Any]]) -> None:
         keys = self.keys

@@ -20,7 +20,7 @@ from redis.typing import EncodableT, FieldT
 
 from core.schema import Item, ItemStatus, SocialEdge, UserProfile, utcnow
 from core.tables import EDGES, ITEMS, USERS
-from features.catalog import CatalogStore
+from features.catalog import CatalogStore, item_row
 from features.redis_store import RedisStore
 from features.stream_codec import ENTRY_FIELD, EntryDecodeError
 
@@ -62,21 +62,6 @@ def decode_change(fields: Mapping[str, str] | None) -> dict[str, Any]:
     return row
 
 
-def _item_row(item: Item, updated_at: datetime) -> dict[str, Any]:
-    return {
-        "item_id": item.item_id,
-        "item_type": item.item_type.value,
-        "title": item.title,
-        "category": item.category,
-        "tags": list(item.tags),
-        "creator_id": item.creator_id,
-        "status": item.status.value,
-        "created_at": _iso(item.created_at),
-        "metadata_json": json.dumps(item.metadata, separators=(",", ":")),
-        "updated_at": _iso(updated_at),
-    }
-
-
 def _user_row(user: UserProfile, *, erased: bool = False) -> dict[str, Any]:
     return {
         "user_id": user.user_id,
@@ -113,18 +98,17 @@ class CatalogChanges:
         """Create or replace an item."""
         now = utcnow()
         self.catalog.put_item(item, updated_at=now)
-        self._log(ITEMS.name, _item_row(item, now))
+        self._log(ITEMS.name, item_row(item, now))
         return item
 
     def put_items(self, items: list[Item]) -> int:
         """Create or replace many items (bulk upload) with one change-log entry each."""
         now = utcnow()
-        for item in items:
-            self.catalog.put_item(item, updated_at=now)
+        self.catalog.put_item_models(items, updated_at=now)
         with self._store.guard():
             pipe = self._store.client.pipeline(transaction=False)
             for item in items:
-                pipe.xadd(self.keys.stream_catalog(ITEMS.name), encode_change(_item_row(item, now)))
+                pipe.xadd(self.keys.stream_catalog(ITEMS.name), encode_change(item_row(item, now)))
             pipe.execute()
         return len(items)
 

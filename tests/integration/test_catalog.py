@@ -131,6 +131,21 @@ def test_single_writes(catalog: CatalogStore) -> None:
     assert catalog.counts()["active_items"] == 0
 
 
+def test_item_models_in_one_call_keep_the_last_per_id(catalog: CatalogStore) -> None:
+    first = Item(item_id="v1", item_type=ItemType.VIDEO, title="A", category="music", creator_id="ann")
+    moved = first.model_copy(update={"creator_id": "bob", "title": "B"})
+    other = Item(item_id="v2", item_type=ItemType.POST, title="C", category="art", creator_id="ann")
+    # More than one pipeline's worth, so the chunks meet in one call.
+    filler = [other.model_copy(update={"item_id": f"f{k}"}) for k in range(2_500)]
+    catalog.put_item_models([first, *filler, other, moved], updated_at=T0)
+    record = catalog.get_item("v1")
+    assert record is not None and record["creator_id"] == "bob" and record["title"] == "B"
+    assert catalog.creator_items("bob") == {"v1"}
+    assert "v1" not in catalog.creator_items("ann")
+    assert len(catalog.creator_items("ann")) == 2_501
+    assert catalog.counts()["active_items"] == 2_502
+
+
 def test_users_round_trip(catalog: CatalogStore) -> None:
     assert catalog.put_users(users_table(["u1", "u2"])) == 2
     user = catalog.get_user("u2")
