@@ -5,7 +5,8 @@ The application runs against a private ``redis-server`` with an append-only file
 shared Redis the other integration tests use, and so every event acknowledged before the stop is
 still there after it. The world is the one of ``tests/integration/test_serving_graph.py``: a tiny
 synthetic world imported into a temporary lake, its newest events replayed into the online store,
-a smoke-sized release trained and promoted to ``production``; the surfaces' budgets are widened
+the session's smoke-sized release (``tests/integration/smoke_release.py``) installed as
+``production``; the surfaces' budgets are widened
 the same way so a slow moment of the shared machine is not mistaken for a fault.
 
 The ingress runs two replicas (as an operator runs it for availability), the model deployments
@@ -16,22 +17,18 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from core.lake import Lake
-from core.schema import utcnow
 from core.settings import Settings
-from features.catalog import CatalogStore
-from features.event_replay import replay_events
-from features.online_store import OnlineFeatureStore
 from features.redis_store import RedisStore
 from tests.faults.harness import ADMIN_TOKEN, APP, FaultApp
+from tests.integration.conftest import REDIS_URL
 from tests.integration.ray_session import ray_cluster
+from tests.integration.smoke_release import busiest_users, import_world, smoke_registry
 from tests.integration.test_redis_outage import DurableRedis, _free_port
 from tests.integration.test_serving_graph import WIDEN, _test_surfaces
 
@@ -64,10 +61,6 @@ def fault_app(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> It
     from ray import serve
 
     from deployments.reload import deploy
-    from training.config import EvalConfig, TrainConfig
-    from training.data_import import run_import
-    from training.pipeline import run_training
-    from training.synthetic import World, WorldConfig, build_truth
 
     if shutil.which("redis-server") is None:
         pytest.skip("the fault suite needs redis-server for its own durable Redis")
@@ -80,29 +73,10 @@ def fault_app(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> It
     settings = Settings.from_env(None, redis_url=redis_server.url, namespace="faults", home=str(home))
     store = RedisStore.from_settings(settings)
     try:
-        lake = Lake(str(home))
-        config = WorldConfig.preset("tiny", seed=7)
-        run_import(
-            World(config, build_truth(config)).chunks(),
-            lake,
-            CatalogStore(store),
-            source="synthetic-7",
-            progress=False,
-        )
-        replay_events(lake, OnlineFeatureStore(store), max_events=20_000, retime_to=utcnow())
-        started = time.perf_counter()
-        # The release only has to serve: the offline comparison with baselines is left out.
-        evaluation = EvalConfig(baselines=("most_pop",), two_stage=False, bootstrap_samples=0)
-        train = TrainConfig.smoke_test(promote_to="production", eval=evaluation)
-        run = run_training(train, home=str(home), log=lambda _: None)
-        print(f"\nfault suite: smoke training took {time.perf_counter() - started:.0f} s: {run.timings_s}")
-        assert run.bundle is not None
+        lake = import_world(home, store)
+        version = smoke_registry(tmp_path_factory, REDIS_URL, home)
 
-        events = lake.read("events", columns=["user_id"]).column("user_id").to_pylist()
-        counts: dict[str, int] = {}
-        for user in events:
-            counts[user] = counts.get(user, 0) + 1
-        users = sorted(counts, key=lambda u: (-counts[u], u))[:40]
+        users = busiest_users(lake)
 
         port = _free_port()
         args = {
@@ -125,7 +99,7 @@ def fault_app(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> It
             settings=settings,
             store=store,
             redis=redis_server,
-            version=run.bundle.version,
+            version=version,
             users=users,
             reports=base / "reports",
         )

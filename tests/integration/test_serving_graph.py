@@ -1,9 +1,10 @@
 """The online serving graph on Ray Serve, end to end, over real HTTP, Redis and a trained bundle.
 
 One module-scoped world: a tiny synthetic world imported into a temporary lake and a test
-namespace, its newest events replayed into the online store, a smoke-sized release trained,
-registered and promoted to ``production`` (and the same release registered again as a second
-version, for the promotion and rollback test), and the Serve application deployed from
+namespace, its newest events replayed into the online store, the session's smoke-sized release
+(``smoke_release``: trained once, promoted to ``production``) copied into its registry (and the
+same release registered again as a second version, for the promotion and rollback test), and the
+Serve application deployed from
 ``ray_config.yaml`` on a free loopback port.
 
 The surfaces are the shipped ones with budgets widened twenty-fold: the shared test machine must
@@ -32,20 +33,20 @@ import yaml
 from fastapi.testclient import TestClient
 
 from core.lake import Lake
-from core.schema import EntityType, ItemStatus, utcnow
+from core.schema import EntityType, ItemStatus
 from core.settings import Settings
 from core.types import FeatureMap
-from features.catalog import CatalogStore
 from features.catalog_changes import CatalogChanges
-from features.event_replay import replay_events
 from features.online_store import OnlineFeatureStore
 from features.redis_store import RedisStore
 from features.stream_codec import decode_log_entry
 from features.user_context import recent_events
 from policies.surfaces import DEFAULT_SURFACES_PATH
 from tests.integration.ray_session import ray_cluster
+from tests.integration.smoke_release import busiest_users, import_world, smoke_registry
 from tests.integration.streams import stream_entries
 from training.registry import ModelRegistry
+from training.release import load_release
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 __all__ = ["ray_cluster"]
@@ -111,14 +112,10 @@ def serving_graph(
     suffix: str,
     args: dict[str, Any] | None = None,
 ) -> Iterator[Graph]:
-    """Build the world, train, deploy ``app`` with ``args`` over the tests' own; yield; tear down."""
+    """Build the world, install the release, deploy ``app`` with ``args`` over ours; yield; tear down."""
     from ray import serve
 
     from deployments.reload import deploy, serve_config
-    from training.config import TrainConfig
-    from training.data_import import run_import
-    from training.pipeline import run_training
-    from training.synthetic import World, WorldConfig, build_truth
 
     home = tmp_path_factory.mktemp("serving-home")
     settings = Settings.from_env(
@@ -129,31 +126,14 @@ def serving_graph(
     )
     store = RedisStore.from_settings(settings)
     store.delete_namespace()
-    lake = Lake(str(home))
-    config = WorldConfig.preset("tiny", seed=7)
-    run_import(
-        World(config, build_truth(config)).chunks(),
-        lake,
-        CatalogStore(store),
-        source="synthetic-7",
-        progress=False,
-    )
-    replay_events(lake, OnlineFeatureStore(store), max_events=20_000, retime_to=utcnow())
-
-    started = time.perf_counter()
-    run = run_training(TrainConfig.smoke_test(promote_to="production"), home=str(home), log=lambda _: None)
-    print(f"\nsmoke training took {time.perf_counter() - started:.0f} s")
-    assert run.bundle is not None
+    lake = import_world(home, store)
+    version = smoke_registry(tmp_path_factory, redis_settings.redis_url, home)
     registry = ModelRegistry(str(home))
     with tempfile.TemporaryDirectory() as staging:
-        run.release.save(staging)
+        load_release(registry.load_bundle(version)).save(staging)
         second = registry.register(staging, config={"description": "the same release, registered again"})
 
-    events = lake.read("events", columns=["user_id"]).column("user_id").to_pylist()
-    counts: dict[str, int] = {}
-    for user in events:
-        counts[user] = counts.get(user, 0) + 1
-    users = sorted(counts, key=lambda u: (-counts[u], u))[:40]
+    users = busiest_users(lake)
 
     port = _free_port()
     app_args = {
@@ -180,7 +160,7 @@ def serving_graph(
         timeout_s=600,
     )
     graph = Graph(
-        f"http://127.0.0.1:{port}", home, settings, store, [run.bundle.version, second.version], users
+        f"http://127.0.0.1:{port}", home, settings, store, [version, second.version], users
     )
     try:
         yield graph
@@ -383,8 +363,6 @@ def test_every_served_list_is_logged(graph: Graph) -> None:
 
 
 def test_a_like_changes_the_next_request(graph: Graph) -> None:
-    from training.release import load_release
-
     release = load_release(ModelRegistry(str(graph.home)).load_bundle(graph.versions[0]))
     user = graph.users[5]
     related_before = {c["itemId"] for c in stage_candidates(explain(graph, user, "home", 100), SOURCE)}
