@@ -18,8 +18,10 @@ import os
 import posixpath
 import re
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -30,6 +32,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from core.tables import TABLES, TableSpec
+
+if TYPE_CHECKING:
+    import ray.data
 
 PARTITION_COLUMN = "date"
 """Name of the Hive partition column; present in :meth:`Lake.dataset`, never in read results."""
@@ -292,6 +297,40 @@ class Lake:
                 continue
             found.append(info.path)
         return sorted(found)
+
+    def ray_dataset(
+        self, files: Sequence[str], columns: Sequence[str], *, blocks: int | None = None
+    ) -> ray.data.Dataset:
+        """A Ray dataset over some of the lake's files (from :meth:`files`), reading ``columns``.
+
+        Read through Ray Data's first Parquet datasource. Ray 2.60's default (the V2 datasource)
+        lists the files by starting 32 footer-reader actors for every read and killing them after:
+        on a 2-CPU node a 20,000-event read took 3.4-8.3 s that way against 0.5-2.6 s here. The
+        footer statistics it gathers serve predicate push-down, which these reads do not use.
+
+        Args:
+            files: Full paths within :attr:`filesystem`.
+            columns: The columns to read.
+            blocks: The number of output blocks; Ray Data decides when omitted.
+
+        Returns:
+            The lazy dataset.
+        """
+        import ray.data
+
+        context = ray.data.DataContext.get_current()
+        before = context.use_datasource_v2
+        context.use_datasource_v2 = False
+        try:
+            return ray.data.read_parquet(
+                list(files),
+                filesystem=self.filesystem,
+                columns=list(columns),
+                partitioning=None,
+                override_num_blocks=blocks,
+            )
+        finally:
+            context.use_datasource_v2 = before
 
     def dataset(self, table: TableSpec | str) -> ds.Dataset:
         """A pyarrow dataset over the table's visible files, for streaming or filtered reads.

@@ -541,9 +541,7 @@ def materialize(
         route_events, as_of=at, catalog=CatalogSnapshot.read(lake, at), views=tuple(views), entity_ids=wanted
     )
     folded = (
-        ray.data.read_parquet(
-            files, filesystem=lake.filesystem, columns=list(EVENTS.schema.names), partitioning=None
-        )
+        lake.ray_dataset(files, EVENTS.schema.names)
         .repartition(num_partitions, keys=["event_id"])
         # batch_size=None hands each hash partition over whole, so all copies of an event meet;
         # fold_entity drops repeats again per entity, which covers identical copies regardless.

@@ -205,16 +205,8 @@ def read_clean_events(
     Returns:
         A Ray dataset with :data:`EVENT_COLUMNS`.
     """
-    import ray.data
-
     assert files, "no event files to read: the lake's events table is empty"
-    events = ray.data.read_parquet(
-        list(files),
-        filesystem=lake.filesystem,
-        columns=list(EVENT_COLUMNS),
-        partitioning=None,
-        override_num_blocks=config.read_blocks,
-    )
+    events = lake.ray_dataset(files, EVENT_COLUMNS, blocks=config.read_blocks)
     clean = functools.partial(
         _clean_block,
         erased_users=pa.array(sorted(erased_users), type=pa.string()),

@@ -942,12 +942,11 @@ def _guardrail(guardrail: Guardrail, metric: RatioMetric, arm: str, vs: Comparis
 
 
 def _read(lake: Lake, table: str, columns: Sequence[str]) -> ray.data.Dataset:
-    import ray.data
 
     files = lake.files(table)
     if not files:
         raise LookupError(f"the lake at {lake.home} has no {table!r} rows")
-    return ray.data.read_parquet(files, filesystem=lake.filesystem, columns=list(columns), partitioning=None)
+    return lake.ray_dataset(files, columns)
 
 
 def collect(dataset: ray.data.Dataset, schema: pa.Schema) -> pa.Table:
