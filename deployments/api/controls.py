@@ -36,11 +36,13 @@ class Privacy(Model):
 async def stream_report(svc: Services) -> dict[str, Any]:
     """Totals and loop state of the stream processor and the lake writer, plus stream lengths."""
     keys = svc.store.keys
+    # The asyncio client, in one round trip: this handler runs on the event loop.
     with svc.store.guard():
-        lengths = {
-            "events": svc.store.client.xlen(keys.stream_events()),
-            "impressions": svc.store.client.xlen(keys.stream_impressions()),
-        }
+        pipe = svc.store.aclient.pipeline(transaction=False)
+        pipe.xlen(keys.stream_events())
+        pipe.xlen(keys.stream_impressions())
+        events, impressions = await pipe.execute()
+    lengths = {"events": int(events), "impressions": int(impressions)}
     consumers = await svc.stream_stats() if svc.stream_stats is not None else None
     return {"stream_length": lengths, "consumers": consumers}
 

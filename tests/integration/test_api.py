@@ -87,6 +87,9 @@ def test_batch_is_all_or_nothing(client: TestClient, store: RedisStore) -> None:
     assert response.status_code == 422
     assert "events.2.eventType" in {f["field"] for f in response.json()["fields"]}
     assert len(_stream(store)) == 5, "a refused batch must store nothing"
+    report = client.get("/api/admin/streams", headers=ADMIN)
+    assert report.status_code == 200, report.text
+    assert report.json()["stream_length"] == {"events": 5, "impressions": 0}
 
 
 def test_oversized_batch_is_refused(client: TestClient) -> None:
@@ -244,14 +247,18 @@ def test_stream_at_capacity_answers_503_and_stores_nothing(client: TestClient, s
 
 
 def test_redis_unreachable_answers_503(redis_settings: Settings) -> None:
-    settings = redis_settings.replace(redis_url="redis://127.0.0.1:6399/0", redis_timeout_s=0.5)
+    settings = redis_settings.replace(
+        redis_url="redis://127.0.0.1:6399/0", redis_timeout_s=0.5, admin_token=TOKEN
+    )
     services = ApiServices.from_settings(settings)
     with TestClient(create_app(services), raise_server_exceptions=False) as client:
         event = client.post("/api/events", json=_event())
+        streams = client.get("/api/admin/streams", headers=ADMIN)
         ready = client.get("/readyz")
         health = client.get("/healthz")
     services.close()
     assert event.status_code == 503 and event.headers["retry-after"] == "2"
+    assert streams.status_code == 503, streams.text
     assert ready.status_code == 503
     assert health.status_code == 200
 
