@@ -340,8 +340,11 @@ class CatalogStore:
 
     def _erase(self, user_ids: Sequence[str]) -> None:
         keys = self.keys
-        following = self.store.smembers_many([keys.following(u) for u in user_ids])
-        followers = self.store.smembers_many([keys.followers(u) for u in user_ids])
+        # Both directions in one round trip: the first half of the answer is following, the rest followers.
+        sets = self.store.smembers_many(
+            [keys.following(u) for u in user_ids] + [keys.followers(u) for u in user_ids]
+        )
+        following, followers = sets[: len(user_ids)], sets[len(user_ids) :]
         with self.store.guard():
             pipe = self.store.client.pipeline(transaction=False)
             dropped_edges = 0
