@@ -269,13 +269,16 @@ class CatalogStore:
             applied += self._write_users(part)
         return applied
 
-    def put_user(self, user: UserProfile) -> None:
+    def put_user(self, user: UserProfile) -> bool:
         """Write one user (skipped when the user was erased).
+
+        Returns:
+            Whether the user was written: ``False`` when erased.
 
         Raises:
             StoreUnavailable: Redis could not be reached.
         """
-        self._write_users(
+        written = self._write_users(
             [
                 {
                     "user_id": user.user_id,
@@ -290,6 +293,7 @@ class CatalogStore:
                 }
             ]
         )
+        return written == 1
 
     def erase_user(self, user_id: str) -> None:
         """Erase a user from the online store and leave a tombstone.

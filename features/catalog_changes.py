@@ -145,10 +145,10 @@ class CatalogChanges:
 
     def put_user(self, user: UserProfile) -> UserProfile:
         """Create or replace a user profile (onboarding interests, privacy)."""
-        if self.catalog.is_erased(user.user_id):
-            raise UnknownEntity(f"user {user.user_id!r} was erased")
         user = user.model_copy(update={"updated_at": utcnow()})
-        self.catalog.put_user(user)
+        # The write skips an erased user, so its answer is the erasure check too.
+        if not self.catalog.put_user(user):
+            raise UnknownEntity(f"user {user.user_id!r} was erased")
         self._log(USERS.name, _user_row(user))
         return user
 

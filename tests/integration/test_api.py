@@ -229,9 +229,13 @@ def test_user_controls(client: TestClient, store: RedisStore) -> None:
     assert client.delete("/api/users/u1").status_code == 204
     assert client.get("/api/users/u1").status_code == 404
     assert store.client.sismember(store.keys.erased_users(), "u1")
+    again = client.put("/api/users/u1", json=profile)
+    assert again.status_code == 404 and "erased" in again.text, again.text
+    assert client.get("/api/users/u1").status_code == 404
     changes = [decode_change(f) for _, f in stream_entries(store, store.keys.stream_catalog("users"))]
     tombstones = [row for row in changes if row["erased"]]
     assert [row["user_id"] for row in tombstones] == ["u1"]
+    assert changes[-1]["erased"], "a refused write of an erased user reaches no change log"
 
 
 def test_stream_at_capacity_answers_503_and_stores_nothing(client: TestClient, store: RedisStore) -> None:
