@@ -135,23 +135,21 @@ class CatalogStore:
         Raises:
             StoreUnavailable: Redis could not be reached.
         """
-        self.put_item_models([item], updated_at=updated_at or utcnow())
+        self.put_item_rows([item_row(item, updated_at or utcnow())])
 
-    def put_item_models(self, items: Sequence[Item], *, updated_at: datetime) -> None:
-        """Write many items in pipelines of ``_CHUNK_ROWS``; a later item wins over an earlier one.
+    def put_item_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Write rows of :func:`item_row` in pipelines of ``_CHUNK_ROWS``; a later row wins.
 
         Args:
-            items: The items.
-            updated_at: When they changed.
+            rows: Item rows, in the order they apply.
 
         Raises:
             StoreUnavailable: Redis could not be reached.
         """
-        # The last item per id only, as for tables: one write must not leave an item in the sets
+        # The last row per id only, as for tables: one write must not leave an item in the sets
         # of a creator an earlier row of the same call named.
-        latest = {item.item_id: item for item in items}
-        rows = [item_row(item, updated_at) for item in latest.values()]
-        for part in _chunked(rows, _CHUNK_ROWS):
+        latest = list({row["item_id"]: row for row in rows}.values())
+        for part in _chunked(latest, _CHUNK_ROWS):
             self._write_items(part)
 
     def _write_items(self, rows: Sequence[Mapping[str, Any]]) -> None:

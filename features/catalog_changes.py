@@ -96,19 +96,20 @@ class CatalogChanges:
 
     def put_item(self, item: Item) -> Item:
         """Create or replace an item."""
-        now = utcnow()
-        self.catalog.put_item(item, updated_at=now)
-        self._log(ITEMS.name, item_row(item, now))
+        row = item_row(item, utcnow())
+        self.catalog.put_item_rows([row])
+        self._log(ITEMS.name, row)
         return item
 
     def put_items(self, items: list[Item]) -> int:
         """Create or replace many items (bulk upload) with one change-log entry each."""
         now = utcnow()
-        self.catalog.put_item_models(items, updated_at=now)
+        rows = [item_row(item, now) for item in items]
+        self.catalog.put_item_rows(rows)
         with self._store.guard():
             pipe = self._store.client.pipeline(transaction=False)
-            for item in items:
-                pipe.xadd(self.keys.stream_catalog(ITEMS.name), encode_change(item_row(item, now)))
+            for row in rows:
+                pipe.xadd(self.keys.stream_catalog(ITEMS.name), encode_change(row))
             pipe.execute()
         return len(items)
 

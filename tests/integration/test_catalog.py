@@ -8,7 +8,7 @@ import pytest
 
 from core.schema import Item, ItemStatus, ItemType, SocialEdge, UserProfile
 from core.tables import EDGES, ITEMS, USERS
-from features.catalog import CatalogStore
+from features.catalog import CatalogStore, item_row
 from features.redis_store import RedisStore
 
 pytestmark = pytest.mark.integration
@@ -131,13 +131,13 @@ def test_single_writes(catalog: CatalogStore) -> None:
     assert catalog.counts()["active_items"] == 0
 
 
-def test_item_models_in_one_call_keep_the_last_per_id(catalog: CatalogStore) -> None:
+def test_item_rows_in_one_call_keep_the_last_per_id(catalog: CatalogStore) -> None:
     first = Item(item_id="v1", item_type=ItemType.VIDEO, title="A", category="music", creator_id="ann")
     moved = first.model_copy(update={"creator_id": "bob", "title": "B"})
     other = Item(item_id="v2", item_type=ItemType.POST, title="C", category="art", creator_id="ann")
     # More than one pipeline's worth, so the chunks meet in one call.
     filler = [other.model_copy(update={"item_id": f"f{k}"}) for k in range(2_500)]
-    catalog.put_item_models([first, *filler, other, moved], updated_at=T0)
+    catalog.put_item_rows([item_row(item, T0) for item in (first, *filler, other, moved)])
     record = catalog.get_item("v1")
     assert record is not None and record["creator_id"] == "bob" and record["title"] == "B"
     assert catalog.creator_items("bob") == {"v1"}

@@ -942,7 +942,6 @@ def _guardrail(guardrail: Guardrail, metric: RatioMetric, arm: str, vs: Comparis
 
 
 def _read(lake: Lake, table: str, columns: Sequence[str]) -> ray.data.Dataset:
-
     files = lake.files(table)
     if not files:
         raise LookupError(f"the lake at {lake.home} has no {table!r} rows")
