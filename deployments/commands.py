@@ -77,11 +77,12 @@ def connect_ray(num_cpus: int | None) -> None:
 def example_user(settings: Settings) -> str:
     """A user of the online store who has features, for the printed example (``u123`` when none)."""
     from features.redis_store import RedisStore
+    from features.serving_record import loads as load_record
 
     store = RedisStore.from_settings(settings)
     try:
         users = sorted(str(u) for u in store.client.srandmember(store.keys.users_all(), 50) or [])
-        records = store.mget_json([store.keys.features("user", u) for u in users])
+        records = store.mget_json([store.keys.features("user", u) for u in users], unpack=load_record)
         with_history = [u for u, r in zip(users, records, strict=True) if r]
         return (with_history or users or ["u123"])[0]
     finally:

@@ -15,8 +15,9 @@ The trending sorted sets (global, per region, per category) are defined in
 offline pipeline folds lake rows with the same ones, which is what keeps training and serving
 features equal.
 
-Served values reach the request path as one packed record per entity (``view:feature`` reference
-to value, plus ``updated_at``); :func:`serving_features` turns such a record into a
+Served values reach the request path as one packed record per entity (positional, see
+:mod:`features.serving_record`; read as a ``view:feature`` reference to value mapping plus
+``updated_at``); :func:`serving_features` turns such a mapping into a
 :class:`core.types.FeatureMap`, dropping values whose ``ttl_s`` has run out.
 """
 
@@ -30,10 +31,9 @@ from core.schema import EntityType, EventType
 from core.types import FeatureMap, FeatureValue
 from features import creator_quality, item_engagement, user_activity
 from features.params import DAY_S, DEFAULT_PARAMS, HOUR_S
+from features.serving_record import UPDATED_AT as UPDATED_AT  # re-exported for record readers
+from features.serving_record import RecordLayout, layout_of
 from features.spec import Dtype, FeatureSpec, FeatureView
-
-UPDATED_AT: Final = "updated_at"
-"""Key of a serving record that holds when it was written (ISO 8601, UTC); not a feature."""
 
 _USER = EntityType.USER
 _ITEM = EntityType.ITEM
@@ -193,10 +193,19 @@ VIEWS: Final[tuple[FeatureView, ...]] = (USER_ACTIVITY, ITEM_ENGAGEMENT, CREATOR
 SPECS: Final[dict[str, FeatureSpec]] = {spec.ref: spec for view in VIEWS for spec in view.specs}
 """Every served feature by ``view:feature`` reference."""
 
+_RECORD_LAYOUTS: Final[dict[EntityType, RecordLayout]] = {
+    entity: layout_of(view for view in VIEWS if view.entity is entity) for entity in EntityType
+}
+
 
 def views_of(entity_type: EntityType) -> tuple[FeatureView, ...]:
     """The views whose states belong to one entity type."""
     return tuple(view for view in VIEWS if view.entity is entity_type)
+
+
+def record_layout(entity_type: EntityType) -> RecordLayout:
+    """The layout of the serving records the online store writes for one entity type."""
+    return _RECORD_LAYOUTS[entity_type]
 
 
 def view(name: str) -> FeatureView:

@@ -40,6 +40,7 @@ from core.types import EMPTY_FEATURES, Candidate, FeatureInput, FeatureMap, Requ
 from features.catalog_cache import CatalogCache, CatalogEntry
 from features.definitions import SPECS, UPDATED_AT
 from features.redis_store import RedisStore
+from features.serving_record import loads as load_record
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,9 @@ class _RecordReader:
 
     def _decode(self, entity_id: str, raw: str, now_s: float) -> tuple[FeatureMap, float]:
         try:
-            record = json.loads(raw)
+            record = load_record(raw)
+            if record is None:  # a layout of other feature definitions: logged by load_record
+                return EMPTY_FEATURES, now_s + 60.0
             stamp = record.get(UPDATED_AT)
             written_s = datetime.fromisoformat(stamp).timestamp() if isinstance(stamp, str) else now_s
         except (ValueError, AttributeError) as exc:

@@ -66,14 +66,16 @@ from typing import Any, Final, TypeAlias
 import orjson
 
 from core.schema import NEGATIVE_FEEDBACK, EntityType, utcnow
-from core.types import FeatureMap, FeatureValue
+from core.types import FeatureMap
 from features import trending
-from features.definitions import UPDATED_AT, VIEWS, serving_features
+from features.definitions import VIEWS, serving_features
 from features.keys import RedisKeys
 from features.params import DEFAULT_PARAMS, FeatureParams
 from features.partitions import PARTITIONS, FeaturePartition
 from features.records import EventRecord, ItemInfo
 from features.redis_store import PendingReply, RedisStore
+from features.serving_record import layout_of
+from features.serving_record import loads as load_record
 from features.spec import FeatureView, State
 from features.trending import TrendingScope
 
@@ -533,6 +535,8 @@ class OnlineFeatureStore:
             v.name: (tuple(spec.name for spec in v.specs), tuple(spec.ref for spec in v.specs))
             for v in self.views
         }
+        # Each entity's serving-record layout: the default one unless other views were given.
+        self._layouts = {e: layout_of(views) for e, views in self._entity_views.items() if views}
         self.processed_ttl_s = processed_ttl_s
         self.max_retries = max_retries
         self._clock = clock
@@ -576,17 +580,20 @@ class OnlineFeatureStore:
             ids: Entity ids.
 
         Returns:
-            One record per id, in order (``view:feature`` to value plus ``updated_at``); ``None``
-            where an entity has no features yet.
+            One record per id, in order, read as a mapping (``view:feature`` to value plus
+            ``updated_at``, see :func:`features.serving_record.loads`); ``None`` where an entity
+            has no features yet or its record is of a layout this release does not know.
 
         Raises:
             StoreUnavailable: Redis could not be reached.
         """
-        return self.store.mget_json([self.keys.features(entity_type, i) for i in ids])
+        return self.store.mget_json([self.keys.features(entity_type, i) for i in ids], unpack=load_record)
 
     async def aget_serving(self, entity_type: EntityType, ids: Sequence[str]) -> list[dict[str, Any] | None]:
         """Async :meth:`get_serving` on the asyncio pool."""
-        return await self.store.amget_json([self.keys.features(entity_type, i) for i in ids])
+        return await self.store.amget_json(
+            [self.keys.features(entity_type, i) for i in ids], unpack=load_record
+        )
 
     def get_features(
         self, entity_type: EntityType, ids: Sequence[str], now: datetime | None = None
@@ -755,17 +762,17 @@ class OnlineFeatureStore:
 
     def _record(self, entity: EntityType, states: Mapping[str, State], now: datetime, stamp: str) -> bytes:
         """The serving record of an entity's states: every view's served values, by reference."""
-        record: dict[str, FeatureValue | str] = {}
+        record = self._layouts[entity].head(stamp)
         for v in self._views_of(entity):
             served = v.serve(states[v.name], now, self.params)
             names, refs = self._ref_order[v.name]
-            # What FeatureView.serve_refs returns, without formatting every reference again:
-            # serve answers its names in one fixed order, so the references pair up by position.
+            # The layout lists each view's references in spec order, and serve answers its names
+            # in that order; a serve that did not is placed by reference instead.
             if tuple(served) == names:
-                record.update(zip(refs, served.values(), strict=True))
+                record.extend(served.values())
             else:
-                record.update(v.serve_refs(states[v.name], now, self.params))
-        record[UPDATED_AT] = stamp
+                by_ref = v.serve_refs(states[v.name], now, self.params)
+                record.extend(by_ref[ref] for ref in refs)
         return _dumps(record)
 
     # -- the write path ------------------------------------------------------------------------

@@ -8,7 +8,7 @@ parser is used whenever the ``hiredis`` package is installed (``redis[hiredis]``
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -52,6 +52,10 @@ def redact_url(url: str) -> str:
 
 def _pack(value: Mapping[str, Any]) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+Unpack = Callable[[str | bytes | None], dict[str, Any] | None]
+"""Decodes one value of an ``MGET`` into a mapping (``None``: the key is missing)."""
 
 
 def _unpack(raw: str | bytes | None) -> dict[str, Any] | None:
@@ -337,12 +341,16 @@ class RedisStore:
         """
         return send_packed(self.client, _packed_eval(script, num_keys, keys_and_args))
 
-    def mget_json(self, keys: Sequence[str], *, chunk: int = 1000) -> list[dict[str, Any] | None]:
+    def mget_json(
+        self, keys: Sequence[str], *, chunk: int = 1000, unpack: Unpack = _unpack
+    ) -> list[dict[str, Any] | None]:
         """Read packed JSON records, in one round trip.
 
         Args:
             keys: Full key names (from :attr:`keys`).
             chunk: Keys per ``MGET``; more keys become several ``MGET`` in one pipeline.
+            unpack: Decodes one stored value (``None`` for a missing key); JSON objects by
+                default, see :func:`features.serving_record.loads` for serving records.
 
         Returns:
             One decoded object per key, in order; ``None`` where the key is missing.
@@ -360,14 +368,17 @@ class RedisStore:
                 for part in _chunks(keys, chunk):
                     pipe.mget(part)
                 raw = [value for reply in pipe.execute() for value in reply]
-        return [_unpack(value) for value in raw]
+        return [unpack(value) for value in raw]
 
-    async def amget_json(self, keys: Sequence[str], *, chunk: int = 1000) -> list[dict[str, Any] | None]:
+    async def amget_json(
+        self, keys: Sequence[str], *, chunk: int = 1000, unpack: Unpack = _unpack
+    ) -> list[dict[str, Any] | None]:
         """Async :meth:`mget_json` on the asyncio pool, for the request path.
 
         Args:
             keys: Full key names.
             chunk: Keys per ``MGET``.
+            unpack: Decodes one stored value, as for :meth:`mget_json`.
 
         Returns:
             One decoded object per key, in order; ``None`` where the key is missing.
@@ -387,7 +398,7 @@ class RedisStore:
                 raw = [value for reply in await pipe.execute() for value in reply]
         except _UNAVAILABLE as exc:
             raise self._unavailable(exc) from exc
-        return [_unpack(value) for value in raw]
+        return [unpack(value) for value in raw]
 
     def mset_json(self, mapping: Mapping[str, Mapping[str, Any]], *, chunk: int = 1000) -> None:
         """Write packed JSON records with pipelined ``MSET`` of ``chunk`` keys each.

@@ -24,6 +24,7 @@ from core.types import EMPTY_FEATURES, FeatureMap, ParamValue, RequestContext, m
 from features.candidate_refs import USER_AGE_GROUP, USER_INTERESTS, USER_LANGUAGE, USER_REGION
 from features.definitions import serving_features
 from features.redis_store import RedisStore, StoreUnavailable
+from features.serving_record import loads as load_record
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,10 @@ class RequestContextBuilder:
         keys = self._store.keys
         try:
             profile, record = await asyncio.wait_for(
-                self._store.amget_json([keys.user(user_id), keys.features(EntityType.USER, user_id)]),
+                # The profile is a JSON object and the record a serving record: load_record reads both.
+                self._store.amget_json(
+                    [keys.user(user_id), keys.features(EntityType.USER, user_id)], unpack=load_record
+                ),
                 self.read_budget_ms / 1000.0,
             )
         except (StoreUnavailable, TimeoutError, ValueError) as exc:

@@ -10,6 +10,7 @@ from typing import Any, Final, cast
 from core.schema import EntityType, EventType
 from core.types import Candidate, RequestContext
 from features.redis_store import RedisStore
+from features.serving_record import loads as load_record
 from features.user_context import RECENT_EVENT_TS, RECENT_EVENT_TYPES, RECENT_ITEM_IDS, recent_events
 
 DEFAULT_SOCIAL_EVENTS: Final[frozenset[str]] = frozenset({EventType.LIKE.value, EventType.SHARE.value})
@@ -80,7 +81,9 @@ class SocialSource:
             return []
         if len(following) > self.max_followees:
             following = random.Random(ctx.request_id).sample(following, self.max_followees)
-        records = await self._store.amget_json([keys.features(EntityType.USER, u) for u in following])
+        records = await self._store.amget_json(
+            [keys.features(EntityType.USER, u) for u in following], unpack=load_record
+        )
         consumed = {e.item_id for e in recent_events(ctx.user_features)}
         now_s = ctx.now.timestamp()
         scores: dict[str, float] = {}

@@ -36,12 +36,14 @@ from features.candidate_refs import (
 from features.catalog import CatalogStore
 from features.catalog_cache import CatalogCache
 from features.catalog_changes import CatalogChanges
+from features.definitions import record_layout
 from features.hydration import ItemFeatureHydrator
 from features.intake import EventIntake
 from features.online_store import OnlineFeatureStore
 from features.records import EventRecord
 from features.redis_store import RedisStore
 from features.request_state import RequestStateLoader
+from features.serving_record import loads as load_record
 from features.serving_state_hydrator import ServingStateHydrator
 from features.trending import TrendingScope
 from policies.surfaces import (
@@ -394,11 +396,12 @@ def test_item_records_are_reused_for_their_ttl_then_read_again(world: World) -> 
     cached = ItemFeatureHydrator(store, CatalogCache(), record_ttl_s=1.0, clock=lambda: clock[0])
     uncached = ItemFeatureHydrator(store, CatalogCache())
 
-    def rewrite(key: str, **values: Any) -> None:
-        record = json.loads(str(store.client.get(key)))
+    def rewrite(entity: EntityType, key: str, **values: Any) -> None:
+        record = load_record(cast(str, store.client.get(key)))
+        assert record is not None
         record.update(values)
         record["updated_at"] = utcnow().isoformat().replace("+00:00", "Z")
-        store.client.set(key, json.dumps(record))
+        store.client.set(key, record_layout(entity).encode(record))
 
     async def both() -> list[tuple[int, float]]:
         ctx = await context_for(world, MAIN, request_id="ttl")
@@ -410,8 +413,8 @@ def test_item_records_are_reused_for_their_ttl_then_read_again(world: World) -> 
 
     async def body() -> list[list[tuple[int, float]]]:
         seen = [await both()]
-        rewrite(record_key, **{ref: 12_345})
-        rewrite(creator_key, **{creator_ref: 0.125})
+        rewrite(EntityType.ITEM, record_key, **{ref: 12_345})
+        rewrite(EntityType.CREATOR, creator_key, **{creator_ref: 0.125})
         clock[0] += 0.9
         seen.append(await both())
         clock[0] += 0.2
