@@ -193,14 +193,15 @@ VIEWS: Final[tuple[FeatureView, ...]] = (USER_ACTIVITY, ITEM_ENGAGEMENT, CREATOR
 SPECS: Final[dict[str, FeatureSpec]] = {spec.ref: spec for view in VIEWS for spec in view.specs}
 """Every served feature by ``view:feature`` reference."""
 
-_RECORD_LAYOUTS: Final[dict[EntityType, RecordLayout]] = {
-    entity: layout_of(view for view in VIEWS if view.entity is entity) for entity in EntityType
-}
-
 
 def views_of(entity_type: EntityType) -> tuple[FeatureView, ...]:
     """The views whose states belong to one entity type."""
     return tuple(view for view in VIEWS if view.entity is entity_type)
+
+
+_RECORD_LAYOUTS: Final[dict[EntityType, RecordLayout]] = {
+    entity: layout_of(views_of(entity)) for entity in EntityType
+}
 
 
 def record_layout(entity_type: EntityType) -> RecordLayout:

@@ -9,9 +9,10 @@ Layout (key names from :class:`features.keys.RedisKeys`):
   key cost Redis ten times as much per state), checks a token with ``GETRANGE`` and writes a
   state with one ``SET`` (``HSET`` and ``EXPIRE`` before). An entity's views all belong to one
   feature partition (see :mod:`features.partitions`), so one writer owns the whole value.
-- ``{ns}:features:{entity}:{id}`` STRING, the packed serving record: JSON object of
-  ``view:feature`` reference to value for every view of the entity, plus ``"updated_at"``
-  (ISO 8601, UTC). The request path reads a batch of them with one ``MGET``.
+- ``{ns}:features:{entity}:{id}`` STRING, the packed serving record: a positional JSON array
+  (layout id, ``updated_at`` in ISO 8601 UTC, then the value of every feature of the entity's
+  views; see :mod:`features.serving_record`). The request path reads a batch of them with one
+  ``MGET`` and gets each as a ``view:feature`` reference to value mapping.
 - ``{ns}:processed:{partition}:{minute}`` SET of event ids: the event was applied to that feature
   partition (see :mod:`features.partitions`). One set per minute of *event* time
   (:data:`PROCESSED_BUCKET_S`; ``minute`` counts from the Unix epoch), so every copy of an event
@@ -761,7 +762,7 @@ class OnlineFeatureStore:
         }
 
     def _record(self, entity: EntityType, states: Mapping[str, State], now: datetime, stamp: str) -> bytes:
-        """The serving record of an entity's states: every view's served values, by reference."""
+        """The serving record of an entity's states: every view's served values, in its layout's order."""
         record = self._layouts[entity].head(stamp)
         for v in self._views_of(entity):
             served = v.serve(states[v.name], now, self.params)
