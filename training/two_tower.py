@@ -17,6 +17,8 @@ without its own id (vocabulary index 0) is exactly such a row.
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +41,10 @@ ITEM_INPUTS: Final = ("item_index", "item_type", "category", "tags", "creator")
 
 WEIGHTS_FILE: Final = "two_tower.pt"
 MODEL_FILE: Final = "two_tower.json"
+RECENT_USERS: Final = 256
+"""Single-user embeddings a serving model remembers (see :meth:`TwoTowerServing.user_embeddings`)."""
+
+_UserKey = tuple[str | None, tuple[str, ...], str | None, str | None, str | None]
 
 
 @dataclass(frozen=True)
@@ -343,6 +349,11 @@ class TwoTowerServing:
         assert model.sizes == sizes, f"model tables {model.sizes} do not match the vocabularies {sizes}"
         self.model = model.eval()
         self.vocabularies = vocabularies
+        # The request's retrieval and its ranker embed the same user from the same inputs; where
+        # both run in one process (models in the ingress) the second finds the first's vector.
+        # The retrieval side embeds from a worker thread, hence the lock.
+        self._recent_users: OrderedDict[_UserKey, npt.NDArray[np.float32]] = OrderedDict()
+        self._recent_lock = threading.Lock()
 
     @property
     def dim(self) -> int:
@@ -401,6 +412,36 @@ class TwoTowerServing:
         assert len(history_items) == n_users, f"{len(history_items)} histories for {n_users} users"
         profiles = profiles if profiles is not None else [{} for _ in range(n_users)]
         assert len(profiles) == n_users, f"{len(profiles)} profiles for {n_users} users"
+        if n_users != 1:
+            return self._embed_users(user_ids, history_items, profiles)
+        # Only single users are remembered: a row embedded within a larger batch may differ from
+        # the same row alone in its last bits, and a remembered vector must be what a call returns.
+        profile = profiles[0]
+        key = (
+            user_ids[0],
+            tuple(history_items[0]),
+            profile.get("age_group"),
+            profile.get("region"),
+            profile.get("language"),
+        )
+        with self._recent_lock:
+            found = self._recent_users.get(key)
+        if found is not None:
+            return found
+        embedded = self._embed_users(user_ids, history_items, profiles)
+        embedded.setflags(write=False)
+        with self._recent_lock:
+            self._recent_users[key] = embedded
+            while len(self._recent_users) > RECENT_USERS:
+                self._recent_users.popitem(last=False)
+        return embedded
+
+    def _embed_users(
+        self,
+        user_ids: Sequence[str | None],
+        history_items: Sequence[Sequence[str]],
+        profiles: Sequence[Mapping[str, str | None]],
+    ) -> npt.NDArray[np.float32]:
         buckets = stable_bucket([u or "" for u in user_ids], self.vocabularies.user_buckets)
         keep = torch.tensor([[0.0 if u is None else 1.0] for u in user_ids])
         fields = {

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from training import two_tower
 from training.config import TwoTowerConfig
 from training.encoding import ItemFeatures, Vocabularies, Vocabulary
 from training.two_tower import (
@@ -199,6 +200,31 @@ def test_serving_user_embedding_and_round_trip(tmp_path) -> None:
     np.testing.assert_allclose(
         loaded.user_embedding(["i3"], user_id="u1"), serving.user_embedding(["i3"], user_id="u1")
     )
+
+
+
+def test_single_user_embeddings_are_remembered_and_equal_a_fresh_computation(monkeypatch) -> None:
+    vocabs = vocabularies()
+    serving = TwoTowerServing(TwoTowerModel(config(), TwoTowerSizes.from_vocabularies(vocabs)), vocabs)
+    fresh = TwoTowerServing(serving.model, vocabs)
+    profile = {"age_group": "age1", "region": None, "language": None}
+    first = serving.user_embeddings(["u1"], [["i3", "i4"]], [profile])
+    again = serving.user_embeddings(["u1"], [("i3", "i4")], [dict(profile)])
+    assert again is first and not first.flags.writeable
+    np.testing.assert_array_equal(first, fresh.user_embeddings(["u1"], [["i3", "i4"]], [profile]))
+    # Any input that differs is embedded anew.
+    assert serving.user_embeddings(["u1"], [["i4", "i3"]], [profile]) is not first
+    assert serving.user_embeddings([None], [["i3", "i4"]], [profile]) is not first
+    assert serving.user_embeddings(["u1"], [["i3", "i4"]], [{"age_group": "age2"}]) is not first
+    # Batches are neither remembered nor answered from memory.
+    batch = serving.user_embeddings(["u1", "u2"], [["i3", "i4"], []], [profile, {}])
+    assert batch.flags.writeable
+    np.testing.assert_allclose(batch[0], first[0], atol=1e-6)
+    # The memory is bounded.
+    monkeypatch.setattr(two_tower, "RECENT_USERS", 3)
+    for n in range(5):
+        serving.user_embeddings([f"v{n}"], [[]], [{}])
+    assert len(serving._recent_users) == 3
 
 
 # -- data helpers (pure functions of training.datasets and training.train_ranker) ---------------
