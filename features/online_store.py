@@ -668,6 +668,38 @@ class OnlineFeatureStore:
                 break
         return self._scored(rows, epoch, now_s)
 
+    async def atop_trending_many(
+        self, wanted: Sequence[tuple[TrendingScope, int]], now: datetime | None = None
+    ) -> list[list[tuple[str, float]]]:
+        """:meth:`atop_trending` of several scopes, each epoch's reads in one pipelined round trip.
+
+        Args:
+            wanted: ``(scope, limit)`` pairs.
+            now: The instant; the clock when omitted.
+
+        Returns:
+            One list per pair, in order, as :meth:`atop_trending` returns it.
+        """
+        now_s = (now or self._clock()).timestamp()
+        out: list[list[tuple[str, float]]] = [[] for _ in wanted]
+        pending = list(range(len(wanted)))
+        for epoch in self._trend_epochs(now_s):
+            if not pending:
+                break
+            pipe = self.store.aclient.pipeline(transaction=False)
+            for n in pending:
+                scope, limit = wanted[n]
+                pipe.zrevrange(scope.key(self.keys, epoch), 0, limit - 1, withscores=True)
+            replies = await pipe.execute()
+            empty: list[int] = []
+            for n, rows in zip(pending, replies, strict=True):
+                if rows:
+                    out[n] = self._scored(rows, epoch, now_s)
+                else:
+                    empty.append(n)
+            pending = empty
+        return out
+
     def record_exclusion(self, user_id: str, item_id: str) -> bool:
         """Exclude an item for a user at once (hide, not interested, report).
 

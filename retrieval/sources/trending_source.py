@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from datetime import datetime
@@ -80,18 +79,25 @@ class TrendingSource:
         self._online = online
         self._cache: dict[tuple[TrendingScope, int], tuple[float, list[tuple[str, float]]]] = {}
 
-    async def _rows(self, scope: TrendingScope, n: int, now: datetime) -> list[tuple[str, float]]:
-        key = (scope, n)
-        cached = self._cache.get(key)
+    async def _lists(
+        self, wanted: list[tuple[TrendingScope, int]], now: datetime
+    ) -> list[list[tuple[str, float]]]:
+        """The rows of each ``(scope, how many)``: from the cache, the others in one round trip."""
         clock = time.monotonic()
-        if cached is not None and cached[0] > clock:
-            return cached[1]
-        rows = await self._online.atop_trending(scope, n, now)
-        if self.cache_s > 0:
-            if len(self._cache) >= _MAX_CACHED_LISTS:
+        lists: list[list[tuple[str, float]] | None] = []
+        for key in wanted:
+            cached = self._cache.get(key)
+            lists.append(cached[1] if cached is not None and cached[0] > clock else None)
+        missing = [n for n, rows in enumerate(lists) if rows is None]
+        if missing:
+            read = await self._online.atop_trending_many([wanted[n] for n in missing], now)
+            if self.cache_s > 0 and len(self._cache) + len(missing) > _MAX_CACHED_LISTS:
                 self._cache.clear()
-            self._cache[key] = (clock + self.cache_s, rows)
-        return rows
+            for n, rows in zip(missing, read, strict=True):
+                lists[n] = rows
+                if self.cache_s > 0:
+                    self._cache[wanted[n]] = (clock + self.cache_s, rows)
+        return [rows or [] for rows in lists]
 
     def plan(self, ctx: RequestContext) -> list[tuple[TrendingScope, int, float, str]]:
         """The lists to read for ``ctx``: ``(scope, how many, weight, reason)`` each."""
@@ -120,7 +126,7 @@ class TrendingSource:
         ]
 
     async def fetch(self, ctx: RequestContext) -> list[Candidate]:
-        """Read every planned list concurrently and merge them.
+        """Read every planned list (those not cached in one round trip) and merge them.
 
         Args:
             ctx: The request.
@@ -129,7 +135,7 @@ class TrendingSource:
             Up to ``max_candidates`` candidates, best first; empty when nothing is trending.
         """
         plan = self.plan(ctx)
-        lists = await asyncio.gather(*(self._rows(s, n, ctx.now) for s, n, _, _ in plan))
+        lists = await self._lists([(s, n) for s, n, _, _ in plan], ctx.now)
         best: dict[str, Candidate] = {}
         # The plan runs from the broadest scope to the narrowest, so a later list's reason is the
         # more specific one ("Trending in your region" says more than "Trending now").

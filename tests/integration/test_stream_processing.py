@@ -230,6 +230,24 @@ def test_a_new_trending_epoch_starts_from_the_last_and_late_events_reach_both(st
     assert _trend(online, start + hour) == pytest.approx(expected, rel=1e-9)
     late = dict(online.top_trending(TrendingScope.everywhere(), 10, datetime.fromtimestamp(start - 1, UTC)))
     assert set(late) == {items[0], items[2]}
+    # Several scopes read at once answer as each read alone, the fallback to the last epoch
+    # included: the region's set of the new epoch is empty, the category's never existed.
+    region, category = TrendingScope.region("nowhere"), TrendingScope.category("no-such-category")
+    store.client.zadd(region.key(store.keys, epoch), {items[1]: 1.0})
+    wanted = [(TrendingScope.everywhere(), 2), (region, 10), (category, 10), (TrendingScope.everywhere(), 10)]
+    now = datetime.fromtimestamp(start + hour, UTC)
+
+    async def both() -> tuple[list[list[tuple[str, float]]], list[list[tuple[str, float]]]]:
+        try:
+            many = await online.atop_trending_many(wanted, now)
+            return many, [await online.atop_trending(scope, n, now) for scope, n in wanted]
+        finally:
+            await store.aclient.aclose()
+            await store.apool.disconnect()
+
+    many, one_by_one = asyncio.run(both())
+    assert many == one_by_one
+    assert [len(rows) for rows in many] == [2, 1, 0, 3]
     for key in (epoch, epoch + 1):
         assert store.client.ttl(TrendingScope.everywhere().key(store.keys, key)) > 0
 

@@ -174,28 +174,33 @@ def test_index_retriever_drops_unfilled_slots() -> None:
 
 
 class CountingTrending:
-    """Answers every trending read with the same list and counts the reads."""
+    """Answers every trending read with the same lists and counts the round trips and the lists."""
 
     def __init__(self) -> None:
         self.reads = 0
+        self.lists = 0
 
-    async def atop_trending(self, scope: TrendingScope, limit: int, now: object) -> list[tuple[str, float]]:
+    async def atop_trending_many(
+        self, wanted: list[tuple[TrendingScope, int]], now: object
+    ) -> list[list[tuple[str, float]]]:
         self.reads += 1
-        return [(f"{scope.kind}-{k}", float(limit - k)) for k in range(limit)]
+        self.lists += len(wanted)
+        return [[(f"{scope.kind}-{k}", float(limit - k)) for k in range(limit)] for scope, limit in wanted]
 
 
 def test_trending_lists_are_reused_for_cache_s_then_read_again() -> None:
     online = CountingTrending()
     source = TrendingSource(online, cache_s=0.2)  # type: ignore[arg-type]
-    first = fetch(source, make_ctx())
+    first = fetch(source, make_ctx(region="de"))
     reads = online.reads
-    assert reads >= 1 and first
-    assert ids(fetch(source, make_ctx())) == ids(first)
+    # Every list the request plans, in one round trip.
+    assert reads == 1 and online.lists == len(source.plan(make_ctx(region="de"))) > 1 and first
+    assert ids(fetch(source, make_ctx(region="de"))) == ids(first)
     assert online.reads == reads
     time.sleep(0.25)
-    fetch(source, make_ctx())
+    fetch(source, make_ctx(region="de"))
     assert online.reads == 2 * reads
     uncached = TrendingSource(online, cache_s=0)  # type: ignore[arg-type]
-    fetch(uncached, make_ctx())
-    fetch(uncached, make_ctx())
+    fetch(uncached, make_ctx(region="de"))
+    fetch(uncached, make_ctx(region="de"))
     assert online.reads == 4 * reads
