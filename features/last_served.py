@@ -125,16 +125,17 @@ class LastServedLists:
         self._lists.move_to_end((surface, user_id))
         return found
 
-    async def save(self, surface: str, user_id: str, served: ServedList) -> None:
-        """Write the Redis copy.
+    def queue_save(self, pipe: Any, surface: str, user_id: str, served: ServedList) -> None:
+        """Add the write of the Redis copy to a pipeline (one command), so it shares a round trip.
 
-        Raises:
-            StoreUnavailable: Redis could not be reached.
+        Args:
+            pipe: An asyncio Redis pipeline; its caller handles the reply (a failed write leaves
+                the in-memory copy serving this replica).
+            surface: The surface.
+            user_id: The list's key (the user, with the seed item on seeded surfaces).
+            served: The list.
         """
-        with self._store.guard():
-            await self._store.aclient.set(
-                self._store.keys.last_list(surface, user_id), served.to_json(), ex=self.ttl_s
-            )
+        pipe.set(self._store.keys.last_list(surface, user_id), served.to_json(), ex=self.ttl_s)
 
     async def recall_remote(self, surface: str, user_id: str, budget_ms: float) -> ServedList | None:
         """The Redis copy, or None when there is none, it is unreadable, or Redis is down or late.

@@ -9,6 +9,7 @@ counted, and the client still gets its list.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from core.schema import RecommendationLogEntry
 from features.redis_store import RedisStore
@@ -36,25 +37,29 @@ class RecommendationLog:
         self.written = 0
         self.dropped = 0
 
-    async def append(self, entry: RecommendationLogEntry) -> bool:
-        """Append one served list.
+    def queue(self, pipe: Any, entry: RecommendationLogEntry) -> None:
+        """Add the entry's append to a pipeline (one command), so it shares a round trip.
 
         Args:
+            pipe: An asyncio Redis pipeline, executed with ``raise_on_error=False``.
             entry: The served list.
+        """
+        pipe.xadd(
+            self._store.keys.stream_impressions(),
+            encode_log_entry(entry),
+            maxlen=self._max_stream_len,
+            approximate=True,
+        )
+
+    def settle(self, entry: RecommendationLogEntry, reply: object) -> bool:
+        """Count the outcome of a queued append from its reply (an exception when it failed).
 
         Returns:
             True when stored; False when Redis failed (counted in :attr:`dropped`).
         """
-        try:
-            await self._store.aclient.xadd(
-                self._store.keys.stream_impressions(),
-                encode_log_entry(entry),
-                maxlen=self._max_stream_len,
-                approximate=True,
-            )
-        except Exception as exc:  # any failure of the log must leave the request served
+        if isinstance(reply, BaseException):
             self.dropped += 1
-            logger.warning("served list %s was not logged: %s", entry.request_id, exc)
+            logger.warning("served list %s was not logged: %s", entry.request_id, reply)
             return False
         self.written += 1
         return True

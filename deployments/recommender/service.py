@@ -748,7 +748,6 @@ class RecommendationService:
                 served_at_s=at.now.timestamp(),
             )
             self._last.remember(answer.surface, list_key, served)
-            self._spawn(self._save_last(answer.surface, list_key, served))
         entry = RecommendationLogEntry(
             request_id=answer.request_id,
             user_id=answer.user_id,
@@ -770,16 +769,27 @@ class RecommendationService:
             fallback=answer.fallback,
             served_at=at.now,
         )
-        self._spawn(self._write_log(entry))
+        last = (answer.surface, list_key, served) if from_pipeline else None
+        self._spawn(self._write_after(entry, last))
 
-    async def _save_last(self, surface: str, key: str, served: ServedList) -> None:
+    async def _write_after(
+        self, entry: RecommendationLogEntry, last: tuple[str, str, ServedList] | None
+    ) -> None:
+        """The Redis copy of the last list (when there is one) and the log entry, in one round trip."""
+        pipe = self._store.aclient.pipeline(transaction=False)
+        if last is not None:
+            self._last.queue_save(pipe, *last)
+        self._log.queue(pipe, entry)
+        commands = 2 if last is not None else 1
+        replies: list[Any]
         try:
-            await self._last.save(surface, key, served)
-        except Exception as exc:  # the in-memory copy still serves this replica
-            logger.debug("last list of %s not saved to Redis: %s", key, exc)
-
-    async def _write_log(self, entry: RecommendationLogEntry) -> None:
-        written = await self._log.append(entry)
+            replies = await pipe.execute(raise_on_error=False)
+        except Exception as exc:  # neither may fail the request; both outcomes are accounted below
+            replies = [exc] * commands
+        if last is not None and isinstance(replies[0], BaseException):
+            # The in-memory copy still serves this replica.
+            logger.debug("last list of %s not saved to Redis: %s", last[1], replies[0])
+        written = self._log.settle(entry, replies[-1])
         self.metrics.log_entries.labels("written" if written else "dropped").inc()
 
     # -- operators ---------------------------------------------------------------------------
