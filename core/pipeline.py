@@ -23,6 +23,7 @@ from typing import Annotated, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from core.deadlines import within
 from core.stages import (
     CandidateSource,
     FeatureHydrator,
@@ -487,7 +488,8 @@ class PipelineRunner:
     async def _fetch(self, source: CandidateSource, ctx: RequestContext, stage_end: float) -> _SourceOutcome:
         started = time.monotonic()
         try:
-            cands = await asyncio.wait_for(source.fetch(ctx), _timeout_s(stage_end, source.budget_ms))
+            # A source only reads: when late it is left behind, not waited for (core.deadlines).
+            cands = await within(source.fetch(ctx), _timeout_s(stage_end, source.budget_ms))
         except Exception as exc:
             reason = _skip_reason(exc)
             _log_failure(source.name, reason, exc)

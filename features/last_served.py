@@ -8,7 +8,6 @@ does not keep re-serving the same stale popular list as if it were personal.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections import OrderedDict
@@ -16,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
+from core.deadlines import within
 from features.redis_store import RedisStore, StoreUnavailable
 
 DEFAULT_TTL_S: Final = 24 * 3600
@@ -151,7 +151,7 @@ class LastServedLists:
         key = self._store.keys.last_list(surface, user_id)
         try:
             with self._store.guard():
-                text = await asyncio.wait_for(self._store.aclient.get(key), budget_ms / 1000.0)
+                text = await within(self._store.aclient.get(key), budget_ms / 1000.0)
         except (StoreUnavailable, TimeoutError):
             return None
         if not isinstance(text, str):

@@ -12,13 +12,13 @@ non-personalised sources (trending, popular, ...) have anything to work with.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
+from core.deadlines import within
 from core.schema import EntityType, utcnow
 from core.types import EMPTY_FEATURES, FeatureMap, ParamValue, RequestContext, monotonic_deadline
 from features.candidate_refs import USER_AGE_GROUP, USER_INTERESTS, USER_LANGUAGE, USER_REGION
@@ -154,7 +154,7 @@ class RequestContextBuilder:
     async def _read(self, user_id: str, now: datetime) -> tuple[dict[str, Any] | None, FeatureMap, bool]:
         keys = self._store.keys
         try:
-            profile, record = await asyncio.wait_for(
+            profile, record = await within(
                 # The profile is a JSON object and the record a serving record: load_record reads both.
                 self._store.amget_json(
                     [keys.user(user_id), keys.features(EntityType.USER, user_id)], unpack=load_record

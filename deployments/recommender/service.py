@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
 
+from core.deadlines import within
 from core.pipeline import (
     FilterStateError,
     PipelineResult,
@@ -715,9 +716,8 @@ class RecommendationService:
         served as it was checked last.
         """
         try:
-            state = await asyncio.wait_for(
-                self._state_loader.load(ctx, item_ids), self.options.fallback_read_ms / 1000.0
-            )
+            budget_s = self.options.fallback_read_ms / 1000.0
+            state = await within(self._state_loader.load(ctx, item_ids), budget_s)
         except Exception:  # Redis down or late: the fallback must still answer
             return frozenset(item_ids)
         return frozenset(
