@@ -320,9 +320,12 @@ class TrafficDriver:
                 next_at = max(next_at + period_s, time.monotonic())
 
     def _send(
-        self, client: httpx.Client, request: httpx.Request, retry_503: bool
+        self, client: httpx.Client, request: httpx.Request, retry_503: bool | Callable[[], bool]
     ) -> tuple[str, Any, str | None]:
-        """Send with retries on connection errors and 5xx; returns (outcome, body, first failure)."""
+        """Send with retries on connection errors and 5xx; returns (outcome, body, first failure).
+
+        ``retry_503`` says whether a 503 is retried too; a callable decides when the 503 arrives.
+        """
         first: str | None = None
         outcome = "unsent"
         body: Any = None
@@ -337,7 +340,8 @@ class TrafficDriver:
                     body = response.json()
                 except ValueError:
                     body = response.text
-                if response.status_code < 500 or (response.status_code == 503 and not retry_503):
+                retried = retry_503() if callable(retry_503) else retry_503
+                if response.status_code < 500 or (response.status_code == 503 and not retried):
                     return outcome, body, first
             if first is None:
                 first = outcome
@@ -385,7 +389,12 @@ class TrafficDriver:
             request = client.build_request("POST", "/api/events", json=events[0])
         else:
             request = client.build_request("POST", "/api/events/batch", json={"events": events})
-        outcome, body, first = self._send(client, request, retry_503=False)
+        # A 503 is the answer while the store is down, and is then final; while a killed replica
+        # is being replaced it can also come from the load balancer, and a client resends (the
+        # event ids make the resend idempotent), so it counts as a retry in that window.
+        outcome, body, first = self._send(
+            client, request, retry_503=lambda: self._retry_window.is_set() and not self._outage.is_set()
+        )
         items = {e["eventId"]: e["itemId"] for e in events}
         if outcome == "202":
             acked = [body["eventId"]] if single else list(body["eventIds"])
