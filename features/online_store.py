@@ -658,15 +658,8 @@ class OnlineFeatureStore:
         self, scope: TrendingScope, limit: int, now: datetime | None = None
     ) -> list[tuple[str, float]]:
         """Async :meth:`top_trending` on the asyncio pool."""
-        now_s = (now or self._clock()).timestamp()
-        rows: Any = []
-        for epoch in self._trend_epochs(now_s):
-            rows = await self.store.aclient.zrevrange(
-                scope.key(self.keys, epoch), 0, limit - 1, withscores=True
-            )
-            if rows:
-                break
-        return self._scored(rows, epoch, now_s)
+        (rows,) = await self.atop_trending_many([(scope, limit)], now)
+        return rows
 
     async def atop_trending_many(
         self, wanted: Sequence[tuple[TrendingScope, int]], now: datetime | None = None
