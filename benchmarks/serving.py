@@ -8,7 +8,8 @@ on it. Then, on a local Ray of 2 CPUs:
 1. **Serve graph, open loop**: ``GET /api/recommendations`` at fixed arrival rates (``--rates``)
    for ``--duration`` seconds each. Arrivals are scheduled ahead of time and latency is measured
    from the scheduled instant, so a slow server is charged for the queue it causes (no
-   coordinated omission). Per rate: p50/p95/p99, errors, fallbacks; per stage, per source and
+   coordinated omission). Per rate: p50/p95/p99, errors, fallbacks, skipped sources and the
+   answers served whole (neither); per stage, per source and
    per hop: the ingress's own medians from ``GET /api/admin/serving``. Also the cost of one empty
    ``DeploymentHandle`` hop.
 2. **Serve graph, saturated**: ``--concurrency`` clients in a closed loop for ``--saturate-s``:
@@ -100,6 +101,8 @@ class Run:
     latencies_ms: list[float] = field(default_factory=list)
     statuses: Counter[str] = field(default_factory=Counter)
     fallbacks: Counter[str] = field(default_factory=Counter)
+    skipped: Counter[str] = field(default_factory=Counter)
+    whole: int = 0
     items: list[int] = field(default_factory=list)
     elapsed_s: float = 0.0
 
@@ -111,8 +114,19 @@ class Run:
         self.statuses[str(status)] += 1
         if status == 200:
             answer = json.loads(body)
-            self.fallbacks[answer.get("fallback") or "none"] += 1
+            self.count(answer.get("fallback"), answer.get("skippedSources") or {})
             self.items.append(len(answer.get("items", [])))
+
+    def count(self, fallback: str | None, skipped: dict[str, str]) -> None:
+        """Count an answer's degraded mode and the sources it went without.
+
+        A late source is skipped without a fallback (seed section 17), so an answer counts as whole
+        only with neither: under load it is the model-backed sources that run late first.
+        """
+        self.fallbacks[fallback or "none"] += 1
+        self.skipped.update(skipped.keys())
+        if fallback is None and not skipped:
+            self.whole += 1
 
     def summary(self) -> dict[str, Any]:
         ok = self.statuses.get("200", 0)
@@ -122,6 +136,8 @@ class Run:
             "errors": len(self.latencies_ms) - ok,
             "statuses": dict(self.statuses),
             "fallbacks": dict(self.fallbacks),
+            "skipped_sources": dict(self.skipped),
+            "whole": self.whole,
             "throughput_per_s": ok / self.elapsed_s if self.elapsed_s else 0.0,
             "latency_ms": _quantiles(self.latencies_ms),
             "mean_items": float(np.mean(self.items)) if self.items else 0.0,
@@ -225,7 +241,8 @@ def drive(
         print(
             f"[{label}] {rate:>5.0f} req/s open loop: p50 {q['p50']:6.1f}  p95 {q['p95']:6.1f}  "
             f"p99 {q['p99']:6.1f} ms; achieved {summary['throughput_per_s']:.1f}/s; "
-            f"errors {summary['errors']}; fallbacks {summary['fallbacks']}",
+            f"errors {summary['errors']}; whole {summary['whole']}/{summary['ok']}; "
+            f"fallbacks {summary['fallbacks']}; skipped sources {summary['skipped_sources']}",
             flush=True,
         )
         _print_cpu(label, summary["cpu"])
@@ -238,7 +255,8 @@ def drive(
     q = summary["latency_ms"]
     print(
         f"[{label}] saturated ({args.concurrency} clients): {summary['throughput_per_s']:.1f} req/s, "
-        f"p50 {q['p50']:.1f} p99 {q['p99']:.1f} ms, errors {summary['errors']}",
+        f"p50 {q['p50']:.1f} p99 {q['p99']:.1f} ms, errors {summary['errors']}, "
+        f"whole {summary['whole']}/{summary['ok']}",
         flush=True,
     )
     _print_cpu(label, summary["cpu"])
@@ -312,6 +330,8 @@ def in_process(
     from deployments.recommender.options import ServingOptions
     from deployments.recommender.service import RecommendationQuery
 
+    counted = Run()
+
     async def run() -> list[float]:
         store = RedisStore.from_settings(settings)
         service = local_service(settings, store, ServingOptions.model_validate(serving or {}))
@@ -319,11 +339,12 @@ def in_process(
         walls = []
         for k in range(n + 30):
             started = time.perf_counter()
-            await service.recommend(
+            answer = await service.recommend(
                 RecommendationQuery(user_id=users[k % len(users)], surface="home", limit=LIMIT)
             )
             if k >= 30:
                 walls.append((time.perf_counter() - started) * 1000.0)
+                counted.count(answer.fallback, answer.skipped_sources)
         await service.close()
         await store.aclose()
         store.close()
@@ -331,8 +352,18 @@ def in_process(
 
     walls = asyncio.run(run())
     q = _quantiles(walls)
-    print(f"[in-process] p50 {q['p50']:.1f}  p95 {q['p95']:.1f}  p99 {q['p99']:.1f} ms", flush=True)
-    return {"requests": n, "latency_ms": q}
+    print(
+        f"[in-process] p50 {q['p50']:.1f}  p95 {q['p95']:.1f}  p99 {q['p99']:.1f} ms; "
+        f"whole {counted.whole}/{n}",
+        flush=True,
+    )
+    return {
+        "requests": n,
+        "latency_ms": q,
+        "whole": counted.whole,
+        "fallbacks": dict(counted.fallbacks),
+        "skipped_sources": dict(counted.skipped),
+    }
 
 
 def peer(settings: Settings, users: list[str], args: argparse.Namespace) -> dict[str, Any]:
