@@ -42,7 +42,7 @@ def local_service(
     return RecommendationService(
         store,
         models,
-        options or ServingOptions(),
+        (options or ServingOptions()).for_placement(models_in_process=True),
         stream_max_len=settings.stream_max_len,
     )
 

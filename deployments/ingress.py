@@ -70,7 +70,9 @@ class Ingress:
             self._services.recommendations = RecommendationService(
                 self._services.store,
                 gateway,
-                ServingOptions.model_validate(serving or {}),
+                ServingOptions.model_validate(serving or {}).for_placement(
+                    models_in_process=self._models is not None
+                ),
                 stream_max_len=settings.stream_max_len,
                 metrics=default_serving_metrics(),
             )

@@ -99,6 +99,9 @@ class ServingMetrics:
     Attributes:
         requests: Requests answered, by ``surface`` and ``outcome`` (``pipeline`` or ``fallback``).
         fallbacks: Degraded modes used, by ``surface`` and ``kind``.
+        shed: Requests answered from the fallbacks without running their pipeline, because every
+            pipeline slot of the replica stayed busy too long (``deployments.recommender.admission``),
+            by ``surface``.
         total_ms: Whole request latency inside the replica, by ``surface``.
         stage_ms: Pipeline stage latency, by ``surface`` and ``stage``.
         source_ms: Candidate source latency, by ``source``.
@@ -128,6 +131,12 @@ class ServingMetrics:
         )
         self.fallbacks = Counter(
             "rayrec_recommendation_fallbacks", "Degraded modes used.", ["surface", "kind"], registry=r
+        )
+        self.shed = Counter(
+            "rayrec_recommendation_shed",
+            "Requests answered from the fallbacks because no pipeline slot freed up in time.",
+            ["surface"],
+            registry=r,
         )
         self.total_ms = Histogram(
             "rayrec_recommendation_latency_ms",

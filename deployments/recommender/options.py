@@ -52,8 +52,31 @@ class ServingOptions(BaseModel):
     last_list_entries: Annotated[int, Field(ge=1)] = 20_000
     """Users whose last list the replica keeps in memory, per surface together."""
 
+    pipeline_concurrency: Annotated[int, Field(ge=0, le=1024)] | None = None
+    """Requests whose pipelines one replica runs at once; later ones wait in arrival order
+    (:mod:`deployments.recommender.admission`). 0: no limit. Unset, it follows the model
+    placement (:meth:`for_placement`): 1 with the models in the process, no limit with the model
+    deployments, whose hops leave the replica waiting while other requests can use it."""
+
+    pipeline_wait_ms: Annotated[float, Field(ge=0, le=10_000)] = 50.0
+    """Longest wait for a pipeline slot; a request that waited longer is answered from the
+    fallbacks (the user's last list, then popular items) without running its pipeline."""
+
     hop_allowance_ms: Annotated[float, Field(ge=0, le=50)] = 3.0
     """Taken off each remote source's budget on the far side, for the way back."""
 
     breaker: CircuitBreakerConfig = CircuitBreakerConfig()
     """The circuit breaker in front of the ranker."""
+
+    def for_placement(self, *, models_in_process: bool) -> ServingOptions:
+        """These options with ``pipeline_concurrency`` set for where the models run, if unset.
+
+        Args:
+            models_in_process: Whether the models run in the serving process itself.
+
+        Returns:
+            The options with a concrete ``pipeline_concurrency``.
+        """
+        if self.pipeline_concurrency is not None:
+            return self
+        return self.model_copy(update={"pipeline_concurrency": 1 if models_in_process else 0})

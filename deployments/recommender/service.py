@@ -44,6 +44,7 @@ from core.pipeline import (
 from core.schema import ExperimentArm, RecommendationLogEntry, ServedItem, utcnow
 from core.stages import CandidateSource, FeatureHydrator, Scorer
 from core.types import Candidate, RequestContext
+from deployments.recommender.admission import PipelineSlots
 from deployments.recommender.arms import ArmSurface, arm_surface
 from deployments.recommender.explain import Trace, candidate_view, traced_pipeline
 from deployments.recommender.heap import HeapFreezer
@@ -128,9 +129,13 @@ class ModelGateway(Protocol):
         ...
 
 
+class ReplicaBusyError(RuntimeError):
+    """Every pipeline slot of the replica stayed busy past ``ServingOptions.pipeline_wait_ms``."""
+
+
 def _late(error: BaseException) -> bool:
-    """Whether a pipeline failed only because something was late."""
-    if isinstance(error, TimeoutError):
+    """Whether a pipeline failed, or was not run, only because something was late."""
+    if isinstance(error, TimeoutError | ReplicaBusyError):
         return True
     return isinstance(error, SourceFailedError | FilterStateError) and error.reason is SkipReason.TIMEOUT
 
@@ -303,6 +308,7 @@ class RecommendationService:
         self.surfaces: dict[str, SurfaceConfig] = dict(surfaces)
         self._contexts = RequestContextBuilder(store, read_budget_ms=self.options.user_read_ms)
         self._runner = PipelineRunner()
+        self.slots = PipelineSlots(self.options.pipeline_concurrency or 0, self.options.pipeline_wait_ms)
         self._scopes = RequestScopes()
         self.breaker = CircuitBreaker(self.options.breaker)
         self._ranker = RankerClient(gateway.rank, self.breaker, self._scopes)
@@ -475,12 +481,24 @@ class RecommendationService:
             UnknownSurfaceError: The surface is not configured.
         """
         started = time.perf_counter()
-        prepared = await self.prepare(query)
+        admitted = await self.slots.enter()
+        try:
+            prepared = await self.prepare(query)
+        except BaseException:
+            if admitted:
+                self.slots.leave()
+            raise
         ctx = prepared.ctx
         request_id, user_id = ctx.request_id, ctx.user_id
         scope = self._scopes.open(request_id)
         result: PipelineResult | None = None
         try:
+            if not admitted:
+                self.metrics.shed.labels(query.surface).inc()
+                raise ReplicaBusyError(
+                    f"no pipeline slot within {self.options.pipeline_wait_ms:g} ms "
+                    f"({self.slots.concurrency} running)"
+                )
             result = await self._runner.run(prepared.pipeline, ctx, self.metrics.observer(query.surface))
             if not result.candidates:
                 raise EmptyListError(f"surface {query.surface} produced no candidates")
@@ -499,6 +517,8 @@ class RecommendationService:
             result = None
         finally:
             self._scopes.close(request_id)
+            if admitted:
+                self.slots.leave()
 
         fallbacks: list[str] = []
         if result is not None:
@@ -811,6 +831,12 @@ class RecommendationService:
                 "openedTotal": snapshot.opened_total,
                 "rejectedTotal": snapshot.rejected_total,
                 "openForS": snapshot.open_for_s,
+            },
+            "pipelineSlots": {
+                "concurrency": self.slots.concurrency,
+                "running": self.slots.running,
+                "waiting": self.slots.waiting,
+                "refusedTotal": self.slots.refused,
             },
             "recommendationLog": {"written": self._log.written, "dropped": self._log.dropped},
             "lastLists": len(self._last),

@@ -1,13 +1,15 @@
-"""What the ingress writes after answering: the list's Redis copy and its log entry, in one round trip."""
+"""What the ingress writes after answering (the list's Redis copy and its log entry, in one round
+trip), and what it answers when it has no pipeline slot to run a request in."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from core.schema import RecommendationLogEntry, ServedItem
 from deployments.recommender.options import ServingOptions
-from deployments.recommender.service import RecommendationService
+from deployments.recommender.service import Recommendation, RecommendationQuery, RecommendationService
 from features.last_served import ServedEntry, ServedList
 from features.redis_store import RedisStore
 from features.stream_codec import decode_log_entry
@@ -76,3 +78,39 @@ def test_a_fallback_list_is_logged_without_a_copy(store: RedisStore) -> None:
     assert [e.request_id for e in logged] == ["r3"]
     assert service._log.written == 1
     assert store.client.get(store.keys.last_list("home", "u1")) is None
+
+
+def test_a_request_that_finds_every_pipeline_slot_busy_too_long_gets_the_fallback(store: RedisStore) -> None:
+    service = RecommendationService(
+        store, NoModels(), ServingOptions(pipeline_concurrency=1, pipeline_wait_ms=20)
+    )
+    real_run = service._runner.run
+    runs: list[str] = []
+
+    async def slow_run(*args: Any, **kwargs: Any) -> Any:
+        runs.append("run")
+        await asyncio.sleep(0.15)  # holds the only slot far past the 20 ms wait
+        return await real_run(*args, **kwargs)
+
+    service._runner.run = slow_run  # type: ignore[method-assign]
+
+    async def body() -> Recommendation:
+        try:
+            _, second = await asyncio.gather(
+                service.recommend(RecommendationQuery(user_id="u1", surface="home", limit=5)),
+                service.recommend(RecommendationQuery(user_id="u2", surface="home", limit=5)),
+            )
+            # Once the slot is free, the next request runs its pipeline again.
+            await service.recommend(RecommendationQuery(user_id="u3", surface="home", limit=5))
+            return second
+        finally:
+            await service.close()
+            await store.aclient.aclose()
+            await store.apool.disconnect()
+
+    second = asyncio.run(body())
+    assert runs == ["run", "run"]  # the first and the third request; the second never ran
+    assert second.fallback == "popular"
+    assert service.slots.refused == 1 and service.slots.running == 0
+    assert service.metrics.shed.labels("home")._value.get() == 1
+    assert service.metrics.fallbacks.labels("home", "popular")._value.get() >= 1
