@@ -3,7 +3,8 @@
 One object per ingress replica. For each request it builds the frozen ``RequestContext`` (the
 user's profile and features read once), runs the surface's pipeline with the one
 ``PipelineRunner``, and answers. When the pipeline fails (a required source failed, the
-filter state could not be read, nothing came back) it serves, in order:
+filter state could not be read, nothing came back), or was not run because every pipeline slot of
+the replica stayed busy too long (``deployments.recommender.admission``), it serves, in order:
 
 1. ``cached_list``: the list last served to this user on this surface (replica memory, then the
    Redis copy under a small budget);
@@ -470,6 +471,10 @@ class RecommendationService:
 
     async def recommend(self, query: RecommendationQuery) -> Recommendation:
         """Serve one request; degraded modes are answers, not errors.
+
+        The pipeline runs in one of the replica's slots (``self.slots``); a request that found
+        none free within ``ServingOptions.pipeline_wait_ms`` is answered from the fallbacks
+        without running it.
 
         Args:
             query: The validated request.
