@@ -130,13 +130,9 @@ class ModelGateway(Protocol):
         ...
 
 
-class ReplicaBusyError(RuntimeError):
-    """Every pipeline slot of the replica stayed busy past ``ServingOptions.pipeline_wait_ms``."""
-
-
 def _late(error: BaseException) -> bool:
-    """Whether a pipeline failed, or was not run, only because something was late."""
-    if isinstance(error, TimeoutError | ReplicaBusyError):
+    """Whether a pipeline failed only because something was late."""
+    if isinstance(error, TimeoutError):
         return True
     return isinstance(error, SourceFailedError | FilterStateError) and error.reason is SkipReason.TIMEOUT
 
@@ -498,15 +494,12 @@ class RecommendationService:
         scope = self._scopes.open(request_id)
         result: PipelineResult | None = None
         try:
-            if not admitted:
+            if admitted:
+                result = await self._runner.run(prepared.pipeline, ctx, self.metrics.observer(query.surface))
+                if not result.candidates:
+                    raise EmptyListError(f"surface {query.surface} produced no candidates")
+            else:  # shed: answered from the fallbacks below, like a failed pipeline
                 self.metrics.shed.labels(query.surface).inc()
-                raise ReplicaBusyError(
-                    f"no pipeline slot within {self.options.pipeline_wait_ms:g} ms "
-                    f"({self.slots.concurrency} running)"
-                )
-            result = await self._runner.run(prepared.pipeline, ctx, self.metrics.observer(query.surface))
-            if not result.candidates:
-                raise EmptyListError(f"surface {query.surface} produced no candidates")
         except Exception as exc:  # every failure of the pipeline has the same answer: a fallback
             # Lateness is routine under load and counted with the fallback (as the runner treats
             # a late stage); a warning per late request cost the overloaded replica more CPU,
