@@ -211,6 +211,8 @@ class CatalogStore:
             for creator, members in by_creator.items():
                 for part in _chunked(members, _SET_CHUNK):
                     pipe.sadd(keys.creator_items(creator), *part)
+            # Last, so a reader that sees the new version also sees every record written with it.
+            pipe.incr(keys.items_version())
             pipe.execute()
 
     def get_item(self, item_id: str) -> dict[str, Any] | None:

@@ -70,6 +70,13 @@ class RedisKeys:
         """SET of the ids of the items that may be served (status ``active``)."""
         return f"{self._p}items:active"
 
+    def items_version(self) -> str:
+        """STRING (integer): bumped by every write of item records (``features.catalog.CatalogStore``).
+
+        A replica that indexes the catalog reads it first and rebuilds only when it moved.
+        """
+        return f"{self._p}items:version"
+
     def users_all(self) -> str:
         """SET of every user id in the catalog (erased users are taken out)."""
         return f"{self._p}users:all"

@@ -77,7 +77,7 @@ from policies.surfaces import (
     default_surface_configs,
     load_surface_configs,
 )
-from retrieval.sources.content_index import ContentIndex
+from retrieval.sources.content_index import ContentIndex, acatalog_version
 from retrieval.sources.content_source import ContentSource
 from retrieval.sources.popular_fallback_source import PopularFallbackSource
 from retrieval.sources.social_source import SocialSource
@@ -414,19 +414,22 @@ class RecommendationService:
             await job()
 
     async def _refresh_catalog(self) -> None:
+        previous = self._content_index
         try:
-            index = await asyncio.to_thread(ContentIndex.load, self._store, previous=self._content_index)
+            version = await acatalog_version(self._store)
+            if version is not None and version == previous.version:
+                return  # nothing written since the index was built
+            index = await asyncio.to_thread(
+                ContentIndex.load, self._store, previous=previous, version=version
+            )
         except Exception as exc:  # Redis down: keep the previous index, try again later
             logger.warning("content index not refreshed: %s", exc)
             return
         self._content_index = index
         for source in self._content_sources:
             source.update_index(index)
-        newest = sorted(
-            index.entries.values(),
-            key=lambda e: (-(e.created_at_s if e.created_at_s is not None else float("-inf")), e.item_id),
-        )
-        self._newest = [e.item_id for e in newest[: self.options.popular_size]]
+        # Sorted by the loading thread: sorting 100k entries here held the event loop for 0.1 s.
+        self._newest = list(index.newest[: self.options.popular_size])
 
     async def _freeze_heap(self) -> None:
         took_ms = self._heap.run()
