@@ -4,6 +4,13 @@ Category, creator, tags and creation time of an item change rarely, so a replica
 instead of reading every candidate's catalog record on every request. Removal is not a catalog
 field here: it is enforced by the filters from state read fresh on every request, so a stale
 entry can only ever be late by ``ttl_s`` on a re-categorisation, never serve a removed item.
+
+Behind the LRU, a cache may be backed by the entries of the replica's content index
+(:meth:`CatalogCache.back_with`), which holds every active item's entry, decoded when the catalog
+last changed. A lookup the LRU cannot answer is answered from there, so only items the index
+does not hold (removed, or added since its build) are read from Redis. On the 100k-item
+benchmark world, without the backing, about 27 records a request (4 % of the lookups) were read
+and decoded on the request path.
 """
 
 from __future__ import annotations
@@ -126,8 +133,17 @@ class CatalogCache:
         self.ttl_s = ttl_s
         self._clock = clock
         self._entries: OrderedDict[str, tuple[float, CatalogEntry]] = OrderedDict()
+        self._backing: Mapping[str, CatalogEntry] = {}
         self.hits = 0
         self.misses = 0
+
+    def back_with(self, entries: Mapping[str, CatalogEntry]) -> None:
+        """Answer lookups the LRU cannot from ``entries`` (a content index's), from now on.
+
+        Args:
+            entries: Item id to entry; replaced whole by the next call, never copied or mutated.
+        """
+        self._backing = entries
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -144,14 +160,18 @@ class CatalogCache:
         now = self._clock()
         found: dict[str, CatalogEntry] = {}
         missing: dict[str, None] = {}
-        entries = self._entries
+        entries, backing = self._entries, self._backing
         for item_id in item_ids:
             slot = entries.get(item_id)
             if slot is not None and slot[0] > now:
                 entries.move_to_end(item_id)
                 found[item_id] = slot[1]
             else:
-                missing[item_id] = None
+                entry = backing.get(item_id)
+                if entry is not None:
+                    found[item_id] = entry
+                else:
+                    missing[item_id] = None
         self.hits += len(found)
         self.misses += len(missing)
         return found, list(missing)
@@ -167,5 +187,6 @@ class CatalogCache:
             store.popitem(last=False)
 
     def clear(self) -> None:
-        """Forget every entry."""
+        """Forget every entry, the backing ones included."""
         self._entries.clear()
+        self._backing = {}

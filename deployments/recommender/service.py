@@ -426,6 +426,7 @@ class RecommendationService:
             logger.warning("content index not refreshed: %s", exc)
             return
         self._content_index = index
+        self._cache.back_with(index.entries)
         for source in self._content_sources:
             source.update_index(index)
         # Sorted by the loading thread: sorting 100k entries here held the event loop for 0.1 s.

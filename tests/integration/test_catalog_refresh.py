@@ -73,3 +73,6 @@ def test_the_ingress_rebuilds_its_content_index_only_after_a_catalog_write(store
     assert after_write is not first and set(after_write.entries) == {"new", "old", "older"}
     assert service._newest[:3] == ["new", "old", "older"]
     assert unversioned is not after_write and unversioned.version is None
+    found, missing = service._cache.get_many(["new", "old", "never-written"])
+    assert set(found) == {"new", "old"} and found["new"] is unversioned.entries["new"]
+    assert missing == ["never-written"], "the catalog cache is backed by the index's entries"
