@@ -10,7 +10,9 @@ Behind the LRU, a cache may be backed by the entries of the replica's content in
 last changed. A lookup the LRU cannot answer is answered from there, so only items the index
 does not hold (removed, or added since its build) are read from Redis. On the 100k-item
 benchmark world, without the backing, about 27 records a request (4 % of the lookups) were read
-and decoded on the request path.
+and decoded on the request path. A backing entry is as fresh as the index: while Redis answers,
+at most one catalog refresh (``ServingOptions.catalog_refresh_s``, 60 s) behind a catalog write,
+within the LRU's own ``ttl_s``.
 """
 
 from __future__ import annotations
