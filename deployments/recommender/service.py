@@ -419,9 +419,7 @@ class RecommendationService:
             version = await acatalog_version(self._store)
             if version is not None and version == previous.version:
                 return  # nothing written since the index was built
-            index = await asyncio.to_thread(
-                ContentIndex.load, self._store, previous=previous, version=version
-            )
+            index = await asyncio.to_thread(ContentIndex.load, self._store, previous=previous)
         except Exception as exc:  # Redis down: keep the previous index, try again later
             logger.warning("content index not refreshed: %s", exc)
             return

@@ -102,7 +102,6 @@ class ContentIndex:
         *,
         batch: int = 1000,
         previous: ContentIndex | None = None,
-        version: int | None = None,
     ) -> ContentIndex:
         """Build the index from the active-items set and the item records in Redis.
 
@@ -113,8 +112,6 @@ class ContentIndex:
             batch: Items per ``MGET``.
             previous: The index this one replaces: an item whose record text is unchanged
                 keeps its entry instead of being decoded again.
-            version: The catalog version read before this call (:func:`acatalog_version`),
-                recorded in the index; when omitted, it is read here first.
 
         Returns:
             The index.
@@ -123,10 +120,9 @@ class ContentIndex:
             StoreUnavailable: Redis could not be reached.
         """
         keys = store.keys
-        if version is None:
-            # Read before the records: a write during the scan bumps it past this value, so the
-            # next refresh rebuilds rather than keeping an index that missed the write.
-            version = catalog_version(store)
+        # Read before the records: a write during the scan bumps it past this value, so the next
+        # refresh rebuilds rather than keeping an index that missed the write.
+        version = catalog_version(store)
         entries: list[CatalogEntry] = []
         digests: dict[str, int] = {}
         pending: list[str] = []
