@@ -12,7 +12,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -24,7 +24,7 @@ from numpy.typing import NDArray
 from core.pipeline import PipelineResult, PipelineRunner, StageBudgets, SurfacePipeline
 from core.schema import EntityType, EventType, ItemStatus, SocialEdge, UserEvent, UserProfile, utcnow
 from core.tables import ITEMS
-from core.types import Candidate, RequestContext, monotonic_deadline
+from core.types import Candidate, FeatureMap, RequestContext, monotonic_deadline
 from features.candidate_refs import (
     ITEM_CATEGORY,
     ITEM_CREATOR_ID,
@@ -426,6 +426,37 @@ def test_item_records_are_reused_for_their_ttl_then_read_again(world: World) -> 
     assert within[0] == first[0], "within the TTL the record read before is used"
     assert within[1] == (12_345, 0.125), "without a TTL every request reads the record"
     assert after[0] == (12_345, 0.125), "after the TTL the record is read again"
+
+
+def test_a_merged_map_is_reused_with_the_same_own_features_while_its_values_hold(world: World) -> None:
+    store, item = world.store, item_id(5)
+    day_ref, week_ref = "item_engagement:view_count_24h", "item_engagement:view_count_7d"
+    clock = [1_000.0]
+    cache = CatalogCache()
+    hydrator = ItemFeatureHydrator(store, cache, record_ttl_s=1.0, clock=lambda: clock[0])
+    own = FeatureMap({ITEM_CATEGORY: "set by a source"})
+
+    async def body() -> tuple[list[Candidate], list[int]]:
+        ctx = await context_for(world, MAIN, request_id="reuse")
+        out, lookups = [], []
+        runs = ((ctx.now, None), (ctx.now, None), (ctx.now + timedelta(hours=25), None), (ctx.now, own))
+        for at, features in runs:
+            cand = Candidate(item_id=item) if features is None else Candidate(item_id=item, features=features)
+            (hydrated,) = await hydrator.hydrate(replace(ctx, now=at), [cand])
+            out.append(hydrated)
+            lookups.append(cache.hits + cache.misses)
+        return out, lookups
+
+    (first, again, a_day_later, with_own), lookups = run_async(store, body)
+    assert day_ref in first.features and week_ref in first.features
+    assert again.features is first.features
+    assert lookups[1] == lookups[0], "within the TTL the merged map is reused without a catalog lookup"
+    assert day_ref not in a_day_later.features, "a windowed value past its TTL is not reused"
+    assert a_day_later.features.get_int(week_ref, -1) == first.features.get_int(week_ref, -2)
+    assert with_own.features.get_str(ITEM_CATEGORY, "") == "set by a source", (
+        "other own features merge afresh"
+    )
+    assert with_own.features.get_int(week_ref, -1) == first.features.get_int(week_ref, -2)
 
 
 def test_content_index_reload_decodes_only_changed_records(world: World, store: RedisStore) -> None:
