@@ -270,9 +270,6 @@ class ItemFeatureHydrator:
                 creator_raw.update((c, late_records[k]) for c, k in zip(late, late_keys, strict=True))
 
         creator_maps = {c: self._creators.read(c, text, now_s) for c, text in creator_raw.items()}
-        creator_keys_of = dict(zip(creators, creator_keys, strict=True))
-        if fresh:
-            creator_keys_of.update((c, self._creator_key(c)) for c in creator_raw if c not in creator_keys_of)
         no_creator = (EMPTY_FEATURES, _FOREVER)
         recent, ttl = self._recent, self._record_ttl_s
         parts: dict[str, tuple[CatalogEntry | None, FeatureMap, FeatureMap, float, float]] = {}
@@ -285,10 +282,8 @@ class ItemFeatureHydrator:
             else:
                 creator_map, creator_valid_until = creator_maps.get(entry.creator_id, no_creator)
                 valid_until = min(valid_until, creator_valid_until)
-                creator_key = creator_keys_of.get(entry.creator_id)
-                if creator_key is not None:
-                    creator_read = recent.get(creator_key)
-                    reusable_until = min(reusable_until, creator_read[0] if creator_read else 0.0)
+                creator_read = recent.get(self._creator_key(entry.creator_id))
+                reusable_until = min(reusable_until, creator_read[0] if creator_read else 0.0)
             parts[item_id] = (entry, item_map, creator_map, reusable_until, valid_until)
         for cand in cands:
             entry, item_map, creator_map, reusable_until, valid_until = parts[cand.item_id]
