@@ -172,8 +172,11 @@ class ItemFeatureHydrator:
         self._items = _RecordReader(item_refs, memo_entries)
         self._creators = _RecordReader(creator_refs, memo_entries)
         self._memo_entries = memo_entries
+        # Item id -> the merge's inputs (catalog entry, item map, creator map, the candidate's own
+        # map), the merged map, the monotonic instant the records it came from stop being
+        # reusable, and the instant in seconds since the epoch its first windowed value runs out.
         self._combined: OrderedDict[
-            str, tuple[CatalogEntry | None, FeatureMap, FeatureMap, FeatureMap, FeatureMap]
+            str, tuple[CatalogEntry | None, FeatureMap, FeatureMap, FeatureMap, FeatureMap, float, float]
         ] = OrderedDict()
         # Key names of hot items, so the key layout is applied once per item, not once per request.
         self._item_key = functools.lru_cache(maxsize=memo_entries)(
@@ -187,10 +190,6 @@ class ItemFeatureHydrator:
         # Raw serving records recently read, by key: (monotonic instant they expire, the text).
         # The same str object is handed to the readers again, so its hash is not computed again.
         self._recent: dict[str, tuple[float, str | None]] = {}
-        # Item id -> (monotonic instant the records it was merged from stop being reusable, the
-        # candidate's own map it was merged with, the instant in seconds since the epoch its
-        # first windowed value runs out, the merged map); see _reuse_hydrated.
-        self._hydrated: dict[str, tuple[float, FeatureMap, float, FeatureMap]] = {}
 
     async def hydrate(self, ctx: RequestContext, cands: list[Candidate]) -> list[Candidate]:
         """Attach the features to every candidate.
@@ -221,12 +220,12 @@ class ItemFeatureHydrator:
         and for them this one lookup replaces the catalog lookup, the key names, the record
         lookups and the merge.
         """
-        now, hydrated = self._clock(), self._hydrated
+        now, combined = self._clock(), self._combined
         pending: list[Candidate] = []
         for cand in cands:
-            hit = hydrated.get(cand.item_id)
-            if hit is not None and hit[1] is cand.features and now < hit[0] and now_s < hit[2]:
-                cand.features = hit[3]
+            hit = combined.get(cand.item_id)
+            if hit is not None and hit[3] is cand.features and now < hit[5] and now_s < hit[6]:
+                cand.features = hit[4]
             else:
                 pending.append(cand)
         return pending
@@ -276,31 +275,20 @@ class ItemFeatureHydrator:
         for item_id, item_key, text in zip(ids, item_keys, item_raw, strict=True):
             entry = entries.get(item_id)
             item_map, valid_until = self._items.read(item_id, text, now_s)
-            reusable_until = recent[item_key][0] if ttl and item_key in recent else 0.0
+            item_read = recent.get(item_key) if ttl else None
+            reusable_until = item_read[0] if item_read else 0.0
             if entry is None:
                 creator_map = EMPTY_FEATURES
             else:
                 creator_map, creator_valid_until = creator_maps.get(entry.creator_id, no_creator)
                 valid_until = min(valid_until, creator_valid_until)
-                creator_read = recent.get(self._creator_key(entry.creator_id))
-                reusable_until = min(reusable_until, creator_read[0] if creator_read else 0.0)
+                if ttl:
+                    creator_read = recent.get(self._creator_key(entry.creator_id))
+                    reusable_until = min(reusable_until, creator_read[0] if creator_read else 0.0)
             parts[item_id] = (entry, item_map, creator_map, reusable_until, valid_until)
         for cand in cands:
-            entry, item_map, creator_map, reusable_until, valid_until = parts[cand.item_id]
-            own = cand.features
             # Values a source or an earlier stage set win: they are about this request.
-            cand.features = self._combine(cand.item_id, entry, item_map, creator_map, own)
-            if ttl:
-                self._remember_hydrated(cand.item_id, reusable_until, own, valid_until, cand.features)
-
-    def _remember_hydrated(
-        self, item_id: str, reusable_until: float, own: FeatureMap, valid_until: float, merged: FeatureMap
-    ) -> None:
-        hydrated = self._hydrated
-        if len(hydrated) >= self._memo_entries and item_id not in hydrated:
-            # Starts afresh rather than tracking recency: entries last about a second anyway.
-            hydrated.clear()
-        hydrated[item_id] = (reusable_until, own, valid_until, merged)
+            cand.features = self._combine(cand.item_id, *parts[cand.item_id], cand.features)
 
     def _recent_records(self, keys: Sequence[str]) -> dict[str, str | None]:
         """The records of ``keys`` read less than ``record_ttl_s`` ago (see the module docstring)."""
@@ -339,13 +327,16 @@ class ItemFeatureHydrator:
         entry: CatalogEntry | None,
         item_map: FeatureMap,
         creator_map: FeatureMap,
+        reusable_until: float,
+        valid_until: float,
         own: FeatureMap,
     ) -> FeatureMap:
         """Catalog, item and creator features under the candidate's own, reused while all four are unchanged.
 
         A candidate's own features are almost always one of the few shared serving-flag maps, so
         the merged map of an item is the same object from one request to the next, and no
-        candidate's features are copied.
+        candidate's features are copied. The map is remembered with the bounds of its reuse
+        without a merge (``reusable_until``, ``valid_until``: see :meth:`_reuse_hydrated`).
         """
         memo = self._combined.get(item_id)
         # The readers, the cache and the flag maps return the very same objects while nothing changed.
@@ -356,11 +347,11 @@ class ItemFeatureHydrator:
             and memo[2] is creator_map
             and memo[3] is own
         ):
-            self._combined.move_to_end(item_id)
-            return memo[4]
-        merged = item_map if entry is None else entry.features.union(item_map).union(creator_map)
-        final = merged.union(own)
-        self._combined[item_id] = (entry, item_map, creator_map, own, final)
+            final = memo[4]
+        else:
+            merged = item_map if entry is None else entry.features.union(item_map).union(creator_map)
+            final = merged.union(own)
+        self._combined[item_id] = (entry, item_map, creator_map, own, final, reusable_until, valid_until)
         self._combined.move_to_end(item_id)
         if len(self._combined) > self._memo_entries:
             self._combined.popitem(last=False)
