@@ -45,9 +45,11 @@ class ServingOptions(BaseModel):
     """How often the experiment configuration is re-read from Redis; a failed read keeps the last one."""
 
     item_record_ttl_s: Annotated[float, Field(ge=0, le=60)] = 1.0
-    """How long an item or creator serving record read for one request is reused by the replica's
-    next requests (:class:`features.hydration.ItemFeatureHydrator`); engagement features lag by at
-    most this long. 0 reads them on every request."""
+    """How long an item or creator serving record read for one request, and each candidate's map
+    merged from it, are reused by the replica's next requests
+    (:class:`features.hydration.ItemFeatureHydrator`); engagement features lag by at most this long,
+    and catalog fields by at most this long behind the catalog cache. 0 reads and merges them on
+    every request."""
 
     last_list_entries: Annotated[int, Field(ge=1)] = 20_000
     """Users whose last list the replica keeps in memory, per surface together."""
