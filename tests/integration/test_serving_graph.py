@@ -159,9 +159,7 @@ def serving_graph(
         ),
         timeout_s=600,
     )
-    graph = Graph(
-        f"http://127.0.0.1:{port}", home, settings, store, [version, second.version], users
-    )
+    graph = Graph(f"http://127.0.0.1:{port}", home, settings, store, [version, second.version], users)
     try:
         yield graph
     finally:

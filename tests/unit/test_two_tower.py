@@ -202,7 +202,6 @@ def test_serving_user_embedding_and_round_trip(tmp_path) -> None:
     )
 
 
-
 def test_single_user_embeddings_are_remembered_and_equal_a_fresh_computation(monkeypatch) -> None:
     vocabs = vocabularies()
     serving = TwoTowerServing(TwoTowerModel(config(), TwoTowerSizes.from_vocabularies(vocabs)), vocabs)
